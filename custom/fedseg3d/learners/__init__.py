@@ -1,0 +1,1 @@
+"""FLARE adapters: the only place on the site side that imports nvflare."""

@@ -1,0 +1,200 @@
+"""The FLARE learner: turns FLARE tasks into ``SiteTrainer`` calls and builds the replies.
+
+Why a classic ``Learner`` under ``LearnerExecutor`` rather than a Client API script: the site keeps state across
+rounds (its batch-norm layers, its best local model, its privacy ledger) in one object that FLARE creates once per
+job; the executor already maps the train / validate / submit_model tasks of FedAvg and cross-site evaluation onto
+it; and the whole round trip can be unit-tested with real FLARE Shareables and a bare ``FLContext``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.app_common.abstract.learner_spec import Learner
+from nvflare.app_common.app_constant import AppConstants, ValidateType
+from nvflare.app_common.tracking.log_writer import LogWriter
+
+from fedseg3d.data.datalist import load_datalist
+from fedseg3d.data.errors import DataError
+from fedseg3d.data.site_config import SiteConfig, find_site_config
+from fedseg3d.data.transforms import PreprocessConfig
+from fedseg3d.training.site_trainer import SiteTrainer, TrainingConfig
+
+LOG_EVERY_STEPS = 10
+
+
+class SegmentationLearner(Learner):
+    """Federated 3D segmentation at one site: FedAvg or FedBN, with validation and per-site checkpoints.
+
+    Args:
+        class_names: class index (as a string, JSON keys are strings) -> name; index 0 is background.
+        preprocessing: the job's preprocessing block (see ``PreprocessConfig``).
+        training: the job's training block (see ``TrainingConfig``).
+        tb_writer_id: id of a FLARE ``TBWriter`` component that streams metrics to the server's TensorBoard;
+            empty to disable.
+    """
+
+    def __init__(
+        self,
+        class_names: dict[str, str],
+        preprocessing: dict[str, Any] | None = None,
+        training: dict[str, Any] | None = None,
+        tb_writer_id: str = "tb_writer",
+    ) -> None:
+        super().__init__()
+        # Parse now: a bad job config fails at job start with the field named, not in the middle of round 3.
+        self.class_names = {int(k): str(v) for k, v in class_names.items()}
+        if sorted(self.class_names) != list(range(len(self.class_names))) or len(self.class_names) < 2:
+            raise ValueError(f"class_names must map 0..N-1 (N >= 2) to names, got {class_names}")
+        self.preprocessing = PreprocessConfig.from_dict(preprocessing)
+        self.training = TrainingConfig(**(training or {}))
+        self.tb_writer_id = tb_writer_id
+        self.trainer: SiteTrainer | None = None
+        self.setup_error: str | None = None
+        self.tb_writer: LogWriter | None = None
+        self.site_name = "?"
+
+    # ----------------------------------------------------------------------------------------------- lifecycle
+    def initialize(self, parts: dict, fl_ctx: FLContext) -> None:
+        """Prepare the site's data. A data error is remembered, not raised: every task then fails with that
+        message, so the server sees which site is broken and why while the other sites carry on."""
+        self.site_name = fl_ctx.get_identity_name()
+        if self.tb_writer_id:
+            writer = parts.get(self.tb_writer_id)
+            if not isinstance(writer, LogWriter):
+                raise ValueError(f"tb_writer_id '{self.tb_writer_id}' does not name a FLARE LogWriter component")
+            self.tb_writer = writer
+        try:
+            self.trainer = self._make_trainer(fl_ctx)
+        except (DataError, ValueError) as err:
+            self.setup_error = str(err)
+            self.log_error(fl_ctx, f"site data not usable, this site will fail its tasks: {err}")
+
+    def _make_trainer(self, fl_ctx: FLContext) -> SiteTrainer:
+        workspace = fl_ctx.get_engine().get_workspace()
+        site_config = SiteConfig.from_file(
+            find_site_config(self.site_name, workspace.get_site_config_dir()), site_name=self.site_name
+        )
+        if site_config.num_threads > 0:
+            torch.set_num_threads(site_config.num_threads)
+        output_dir = site_config.output_dir or Path(workspace.get_app_dir(fl_ctx.get_job_id())) / "site_models"
+        datalist = load_datalist(site_config.datalist, site_config.data_root, label_names=self.class_names)
+        self.log_info(fl_ctx, f"site config {site_config.datalist}: data root {site_config.data_root}")
+        return SiteTrainer(
+            site_name=self.site_name,
+            datalist=datalist,
+            class_names=self.class_names,
+            preprocessing=self.preprocessing,
+            training=self.training,
+            output_dir=output_dir,
+            device=site_config.device,
+            skip_bad_cases=site_config.skip_bad_cases,
+        )
+
+    def _not_ready(self, fl_ctx: FLContext) -> Shareable | None:
+        if self.trainer is not None:
+            return None
+        self.log_error(fl_ctx, f"refusing task: {self.setup_error}")
+        return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+
+    # ------------------------------------------------------------------------------------------------- tasks
+    def train(self, data: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        """One FL round: global weights in, weight difference (shared keys only) out, weighted by case count."""
+        if (reply := self._not_ready(fl_ctx)) is not None:
+            return reply
+        weights = self._received_weights(data, fl_ctx)
+        if weights is None:
+            return make_reply(ReturnCode.BAD_TASK_DATA)
+        current_round = int(data.get_header(AppConstants.CURRENT_ROUND, 0))
+        total_rounds = data.get_header(AppConstants.NUM_ROUNDS, "?")
+        self.log_info(fl_ctx, f"round {current_round + 1}/{total_rounds}: training on {self.trainer.num_train_cases} cases")
+
+        def progress(step: int, loss: float) -> None:
+            if step % LOG_EVERY_STEPS == 0:
+                self.log_info(fl_ctx, f"round {current_round + 1}/{total_rounds} step {step}: loss {loss:.4f}")
+
+        try:
+            result = self.trainer.train_round(weights, current_round, lambda: abort_signal.triggered, progress)
+        except FloatingPointError as err:
+            self.log_error(fl_ctx, str(err))
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        if abort_signal.triggered:
+            return make_reply(ReturnCode.TASK_ABORTED)
+        self.log_info(
+            fl_ctx,
+            f"round {current_round + 1}/{total_rounds} done: loss {result.train.mean_loss:.4f}, "
+            f"{result.train.steps} steps in {result.train.seconds:.1f} s, local val Dice {result.local_eval.mean_dice:.4f} "
+            f"{result.local_eval.class_dice}",
+        )
+        self._stream(result.metrics, current_round)
+        self._stream({"train_cases_per_second": result.num_cases / max(result.train.seconds, 1e-9)}, current_round)
+        dxo = DXO(
+            data_kind=DataKind.WEIGHT_DIFF,
+            data=result.update,
+            meta={MetaKey.NUM_STEPS_CURRENT_ROUND: result.num_cases, "site_metrics": result.metrics},
+        )
+        return dxo.to_shareable()
+
+    def validate(self, data: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        """Dice of a received model on this site's validation cases (with this site's own batch norm in FedBN).
+
+        Before training this scores the incoming global model, which the server uses to keep the best one;
+        in cross-site evaluation it scores the server's and other sites' models.
+        """
+        if (reply := self._not_ready(fl_ctx)) is not None:
+            return reply
+        weights = self._received_weights(data, fl_ctx)
+        if weights is None:
+            return make_reply(ReturnCode.BAD_TASK_DATA)
+        result = self.trainer.evaluate_weights(weights, lambda: abort_signal.triggered)
+        if abort_signal.triggered:
+            return make_reply(ReturnCode.TASK_ABORTED)
+        metrics = result.as_metrics("val_")
+        validate_type = data.get_header(AppConstants.VALIDATE_TYPE)
+        if validate_type == ValidateType.BEFORE_TRAIN_VALIDATE:
+            current_round = int(data.get_header(AppConstants.CURRENT_ROUND, 0))
+            self.log_info(fl_ctx, f"global model at round {current_round + 1}: val Dice {result.mean_dice:.4f}")
+            self._stream({f"global_{k}": v for k, v in metrics.items()}, current_round)
+            return DXO(data_kind=DataKind.METRICS, data={MetaKey.INITIAL_METRICS: metrics}).to_shareable()
+        model_owner = data.get_header(AppConstants.MODEL_OWNER, "?")
+        self.log_info(fl_ctx, f"cross-site evaluation of {model_owner}'s model: val Dice {result.mean_dice:.4f}")
+        return DXO(data_kind=DataKind.METRICS, data=metrics).to_shareable()
+
+    def get_model_for_validation(self, model_name: str, fl_ctx: FLContext) -> Shareable:
+        """This site's best local model for cross-site evaluation: only the shared part ever leaves the site."""
+        if (reply := self._not_ready(fl_ctx)) is not None:
+            return reply
+        return DXO(data_kind=DataKind.WEIGHTS, data=self.trainer.shared_weights(best=True)).to_shareable()
+
+    def abort(self, fl_ctx: FLContext) -> None:
+        self.log_info(fl_ctx, "abort requested; the running task stops at the next step")
+
+    def finalize(self, fl_ctx: FLContext) -> None:
+        if self.trainer is not None:
+            self.log_info(fl_ctx, f"finished after {self.trainer.rounds_done} round(s); best local val Dice "
+                                  f"{self.trainer.best_local_dice:.4f}, models in {self.trainer.output_dir}")
+
+    # --------------------------------------------------------------------------------------------- helpers
+    def _received_weights(self, data: Shareable, fl_ctx: FLContext) -> dict | None:
+        try:
+            dxo = from_shareable(data)
+        except ValueError as err:
+            self.log_error(fl_ctx, f"task data is not a DXO: {err}")
+            return None
+        if dxo.data_kind != DataKind.WEIGHTS:
+            self.log_error(fl_ctx, f"expected full model weights (WEIGHTS), got {dxo.data_kind}")
+            return None
+        return dxo.data
+
+    def _stream(self, metrics: dict[str, float], step: int) -> None:
+        if self.tb_writer is None:
+            return
+        for tag, value in metrics.items():
+            self.tb_writer.add_scalar(tag, float(value), global_step=int(step))

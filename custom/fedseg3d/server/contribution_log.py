@@ -1,0 +1,89 @@
+"""A server-side record of exactly what each site sent, round by round.
+
+It answers the questions a privacy officer and an ML engineer both ask of a federation: which tensors did the
+server actually receive from each site (FedBN promises that batch-norm layers never arrive), how large were they,
+and what Dice did each site report. It writes one JSON line per accepted contribution to
+``<run dir>/fedseg3d/contributions.jsonl`` (downloaded with the job's results) and is what the POC runner tails for
+live progress.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from nvflare.apis.dxo import MetaKey, from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.app_event_type import AppEventType
+from nvflare.widgets.widget import Widget
+
+OUTPUT_SUBDIR = "fedseg3d"
+CONTRIBUTIONS_FILE = "contributions.jsonl"
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
+
+
+class ContributionLog(Widget):
+    """Appends a JSON line per contribution the server receives (after the server's own result filters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._path: Path | None = None
+        self._lock = threading.Lock()
+        self._num_rounds = None
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        if event_type == EventType.START_RUN:
+            run_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
+            self._path = run_dir / OUTPUT_SUBDIR / CONTRIBUTIONS_FILE
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+        elif event_type == AppEventType.ROUND_STARTED:
+            self._num_rounds = fl_ctx.get_prop(AppConstants.NUM_ROUNDS)
+        elif event_type == AppEventType.BEFORE_CONTRIBUTION_ACCEPT:
+            self._record(fl_ctx)
+
+    def _record(self, fl_ctx: FLContext) -> None:
+        peer_ctx = fl_ctx.get_peer_context()
+        shareable = peer_ctx.get_prop(FLContextKey.SHAREABLE) if peer_ctx else None
+        if shareable is None or self._path is None:
+            return
+        site = peer_ctx.get_identity_name(default="?")
+        entry = {
+            "time": time.time(),
+            "round": fl_ctx.get_prop(AppConstants.CURRENT_ROUND),
+            "num_rounds": self._num_rounds,
+            "site": site,
+            "return_code": shareable.get_return_code(),
+        }
+        try:
+            dxo = from_shareable(shareable)
+        except ValueError:
+            entry["data_kind"] = None
+        else:
+            data = dxo.data or {}
+            arrays = {k: v for k, v in data.items() if isinstance(v, np.ndarray)}
+            entry.update(
+                data_kind=dxo.data_kind,
+                keys=sorted(data),
+                array_bytes=int(sum(v.nbytes for v in arrays.values())),
+                num_values=int(sum(v.size for v in arrays.values())),
+                num_cases=dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND),
+                initial_metrics=_jsonable(dxo.get_meta_prop(MetaKey.INITIAL_METRICS)),
+                site_metrics=_jsonable(dxo.get_meta_prop("site_metrics")),
+            )
+        with self._lock, self._path.open("a") as stream:
+            stream.write(json.dumps(_jsonable(entry)) + "\n")

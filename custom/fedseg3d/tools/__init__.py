@@ -1,0 +1,1 @@
+"""Command-line tools: assemble jobs, run them in the simulator, summarise results."""

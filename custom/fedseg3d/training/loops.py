@@ -1,0 +1,131 @@
+"""Plain PyTorch/MONAI training and evaluation loops: no FLARE here, so they run and test standalone."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from monai.data import DataLoader, decollate_batch
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric
+from monai.networks.utils import one_hot
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """What one local training run did, for logs, TensorBoard and the benchmark."""
+
+    mean_loss: float
+    steps: int
+    patches: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Dice per foreground class and their mean, over a set of cases."""
+
+    mean_dice: float
+    class_dice: dict[str, float]
+    cases: int
+
+    def as_metrics(self, prefix: str = "val_") -> dict[str, float]:
+        metrics = {f"{prefix}mean_dice": self.mean_dice}
+        metrics.update({f"{prefix}dice_{name}": value for name, value in self.class_dice.items()})
+        return metrics
+
+
+def make_loss() -> DiceCELoss:
+    """Dice + cross-entropy: Dice handles the class imbalance of small lesions, CE keeps early gradients sane."""
+    return DiceCELoss(to_onehot_y=True, softmax=True)
+
+
+def train_local(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    *,
+    epochs: int = 1,
+    max_steps: int = 0,
+    amp: bool = False,
+    should_stop: Callable[[], bool] = lambda: False,
+    loss_fn: torch.nn.Module | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> TrainStats:
+    """Train for ``epochs`` passes over ``loader``, or exactly ``max_steps`` steps when that is positive.
+
+    Raises:
+        FloatingPointError: the loss became NaN or infinite (a diverged site must not send garbage).
+    """
+    loss_fn = loss_fn or make_loss()
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    model.train()
+    started = time.perf_counter()
+    steps, patches, loss_sum = 0, 0, 0.0
+    epoch = 0
+    while (max_steps > 0 and steps < max_steps) or (max_steps <= 0 and epoch < epochs):
+        for batch in loader:
+            if should_stop() or (max_steps > 0 and steps >= max_steps):
+                break
+            images, labels = batch["image"].to(device), batch["label"].to(device)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, enabled=amp):
+                loss = loss_fn(model(images), labels)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"training loss is {loss.item()} at step {steps}: local training diverged")
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            steps += 1
+            patches += images.shape[0]
+            loss_sum += loss.item()
+            if progress is not None:
+                progress(steps, loss.item())
+        epoch += 1
+        if should_stop():
+            break
+    return TrainStats(
+        mean_loss=loss_sum / max(steps, 1), steps=steps, patches=patches, seconds=time.perf_counter() - started
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    items: list[dict],
+    device: torch.device,
+    roi_size: tuple[int, int, int],
+    class_names: dict[int, str],
+    *,
+    amp: bool = False,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> EvalResult:
+    """Whole-volume Dice with sliding-window inference, per foreground class (classes absent from a case's ground
+    truth are left out of that class's mean rather than counted as 0 or 1)."""
+    num_classes = len(class_names)
+    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True, num_classes=num_classes)
+    model.eval()
+    for item in items:
+        if should_stop():
+            break
+        image = item["image"].unsqueeze(0).to(device)
+        label = item["label"].unsqueeze(0).to(device)
+        with torch.autocast(device.type, enabled=amp):
+            logits = sliding_window_inference(image, roi_size, sw_batch_size=4, predictor=model, overlap=0.25)
+        prediction = one_hot(torch.argmax(logits.float(), dim=1, keepdim=True), num_classes=num_classes)
+        metric(y_pred=decollate_batch(prediction), y=decollate_batch(one_hot(label, num_classes=num_classes)))
+    per_class = metric.aggregate()
+    metric.reset()
+    foreground = [class_names[i] for i in sorted(class_names) if i != 0]
+    class_dice = {name: float(v) for name, v in zip(foreground, per_class.tolist(), strict=True)}
+    finite = [v for v in class_dice.values() if math.isfinite(v)]
+    mean_dice = sum(finite) / len(finite) if finite else float("nan")
+    return EvalResult(mean_dice=mean_dice, class_dice=class_dice, cases=len(items))

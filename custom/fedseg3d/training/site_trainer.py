@@ -1,0 +1,210 @@
+"""Everything one site does in a federated round, in plain PyTorch/MONAI.
+
+The FLARE learner (``fedseg3d.learners``) only translates tasks into calls on this class, so the whole round trip
+(receive global weights, keep local batch norm, train, validate, compute the update) can be unit-tested and reused
+under another FL framework.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.utils import set_determinism
+
+from fedseg3d.data.dataset import CasePreparer, PreparedCases, make_train_loader, prepare_cases
+from fedseg3d.data.datalist import Datalist
+from fedseg3d.data.transforms import PreprocessConfig
+from fedseg3d.models.local_state import load_shared_state, shared_state_numpy, split_local_state
+from fedseg3d.models.presets import build_model, count_parameters
+from fedseg3d.training.device import resolve_device, use_mixed_precision
+from fedseg3d.training.loops import EvalResult, TrainStats, evaluate, train_local
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The job's training knobs (the same at every site).
+
+    Attributes:
+        model_preset: name of the network in ``fedseg3d.models.presets.PRESETS``.
+        keep_batchnorm_local: FedBN: batch-norm layers stay at the site and are never sent or overwritten.
+        local_epochs: passes over the site's training patches per round (used when ``local_steps`` is 0).
+        local_steps: exact optimizer steps per round; makes sites of different sizes do equal work.
+        batch_size: patches per optimizer step.
+        learning_rate: Adam learning rate.
+        weight_decay: Adam weight decay.
+        amp: use mixed precision when training on a GPU (ignored on CPU).
+        seed: seeds weights-independent randomness (patch sampling, augmentation, shuffling).
+    """
+
+    model_preset: str = "unet3d_tiny"
+    keep_batchnorm_local: bool = True
+    local_epochs: int = 1
+    local_steps: int = 0
+    batch_size: int = 2
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-5
+    amp: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.local_epochs < 1 and self.local_steps < 1:
+            raise ValueError("local_epochs or local_steps must be at least 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+@dataclass
+class RoundResult:
+    """What a site produces in one round: its update (shared keys only) and what it measured."""
+
+    update: dict[str, np.ndarray]
+    num_cases: int
+    train: TrainStats
+    local_eval: EvalResult
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class SiteTrainer:
+    """One site's model, data and local state across the rounds of a job.
+
+    Args:
+        site_name: for logs and checkpoints.
+        datalist: the site's parsed datalist.
+        class_names: class index -> name, background at 0; its length is the number of output channels.
+        preprocessing: the job's preprocessing block.
+        training: the job's training knobs.
+        output_dir: where this site writes its own checkpoints (``local_model.pt``, ``best_local_model.pt``).
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        skip_bad_cases: skip cases that fail the data checks (with a warning) instead of failing.
+    """
+
+    def __init__(
+        self,
+        site_name: str,
+        datalist: Datalist,
+        class_names: dict[int, str],
+        preprocessing: PreprocessConfig,
+        training: TrainingConfig,
+        output_dir: Path,
+        device: str = "auto",
+        skip_bad_cases: bool = False,
+    ) -> None:
+        self.site_name = site_name
+        self.class_names = dict(sorted(class_names.items()))
+        self.preprocessing = preprocessing
+        self.training = training
+        self.output_dir = Path(output_dir)
+        self.device = resolve_device(device)
+        self.amp = use_mixed_precision(self.device, training.amp)
+        set_determinism(seed=training.seed)
+        self.model = build_model(training.model_preset, out_channels=len(self.class_names)).to(self.device)
+        self.split = split_local_state(self.model, keep_batchnorm_local=training.keep_batchnorm_local)
+        preparer = CasePreparer(preprocessing, num_classes=len(self.class_names))
+        self.train_cases: PreparedCases = prepare_cases(datalist.training, preparer, skip_bad_cases, "training")
+        self.val_cases: PreparedCases = prepare_cases(datalist.validation, preparer, skip_bad_cases, "validation")
+        self.best_local_dice = -math.inf
+        self.rounds_done = 0
+        logger.info(
+            "%s: %s (%d parameters) on %s, %d training / %d validation cases (%d skipped), %d shared and %d local keys",
+            site_name,
+            training.model_preset,
+            count_parameters(self.model),
+            self.device,
+            len(self.train_cases.items),
+            len(self.val_cases.items),
+            len(self.train_cases.skipped) + len(self.val_cases.skipped),
+            len(self.split.shared),
+            len(self.split.local),
+        )
+
+    @property
+    def num_train_cases(self) -> int:
+        return len(self.train_cases.items)
+
+    def evaluate_weights(self, weights: dict[str, np.ndarray], should_stop=lambda: False) -> EvalResult:
+        """Dice of a received model on this site's validation cases, with this site's local state (FedBN: its own
+        batch norm). The site's training model is left untouched."""
+        candidate = copy.deepcopy(self.model)
+        load_shared_state(candidate, self.split, weights)
+        return self._evaluate(candidate, should_stop)
+
+    def train_round(
+        self, global_weights: dict[str, np.ndarray], current_round: int, should_stop=lambda: False, progress=None
+    ) -> RoundResult:
+        """Load the global model (keeping local state), train locally, validate, and return the weight difference.
+
+        Raises:
+            FloatingPointError: training diverged or the update is not finite; nothing must be sent then.
+        """
+        ignored = load_shared_state(self.model, self.split, global_weights)
+        if ignored:
+            logger.debug("%s: kept %d local key(s) instead of the global values", self.site_name, len(ignored))
+        start = shared_state_numpy(self.model, self.split)
+        loader = make_train_loader(
+            self.train_cases.items, self.preprocessing, self.training.batch_size, seed=self.training.seed + current_round
+        )
+        optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=self.training.learning_rate, weight_decay=self.training.weight_decay
+        )
+        stats = train_local(
+            self.model,
+            loader,
+            optimizer,
+            self.device,
+            epochs=self.training.local_epochs,
+            max_steps=self.training.local_steps,
+            amp=self.amp,
+            should_stop=should_stop,
+            progress=progress,
+        )
+        local_eval = self._evaluate(self.model, should_stop)
+        self._save_checkpoints(local_eval, current_round)
+        end = shared_state_numpy(self.model, self.split)
+        update = {key: end[key] - start[key] for key in self.split.shared}
+        bad = [key for key, value in update.items() if not np.isfinite(value).all()]
+        if bad:
+            raise FloatingPointError(f"{self.site_name}: update has non-finite values in {bad[:3]}; not sending it")
+        self.rounds_done += 1
+        metrics = {"train_loss": stats.mean_loss, **local_eval.as_metrics("local_val_")}
+        return RoundResult(update=update, num_cases=self.num_train_cases, train=stats, local_eval=local_eval, metrics=metrics)
+
+    def shared_weights(self, best: bool = True) -> dict[str, np.ndarray]:
+        """The shared part of this site's model (the best one by local validation Dice when ``best``), for
+        cross-site evaluation: local batch norm stays home even then."""
+        path = self.output_dir / "best_local_model.pt"
+        if best and path.is_file():
+            model = copy.deepcopy(self.model)
+            model.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+            return shared_state_numpy(model, self.split)
+        return shared_state_numpy(self.model, self.split)
+
+    def _evaluate(self, model: torch.nn.Module, should_stop) -> EvalResult:
+        return evaluate(
+            model,
+            self.val_cases.items,
+            self.device,
+            self.preprocessing.roi_size,
+            self.class_names,
+            amp=self.amp,
+            should_stop=should_stop,
+        )
+
+    def _save_checkpoints(self, local_eval: EvalResult, current_round: int) -> None:
+        """Keep the site's own model (with its batch norm) at the site: the last one and the best one."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        state = self.model.state_dict()
+        torch.save(state, self.output_dir / "local_model.pt")
+        if math.isfinite(local_eval.mean_dice) and local_eval.mean_dice > self.best_local_dice:
+            self.best_local_dice = local_eval.mean_dice
+            torch.save(state, self.output_dir / "best_local_model.pt")
+            logger.info("%s: new best local model (Dice %.4f) at round %d", self.site_name, local_eval.mean_dice, current_round)
