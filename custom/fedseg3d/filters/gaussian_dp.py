@@ -228,7 +228,9 @@ class GaussianDPFilter(Filter):
         """
         rc = shareable.get_return_code()
         if rc != ReturnCode.OK:
-            self.log_warning(fl_ctx, f"result has return code {rc}: sending the code only, any payload dropped")
+            self.log_warning(
+                fl_ctx, f"result has return code {rc}: sending the code only, any payload dropped", fire_event=False
+            )
             return make_reply(rc)
         if shareable.get_header(ReservedHeaderKey.CONTENT_TYPE) != "DXO":
             if any(key != ReservedHeaderKey.HEADERS for key in shareable):
@@ -313,6 +315,7 @@ class GaussianDPFilter(Filter):
                 fl_ctx,
                 f"no site privacy budget found ({looked}): updates are still clipped and noised, but no budget is "
                 f"enforced and dp_epsilon covers this job only",
+                fire_event=False,  # a log event may be streamed off the site; this note is for the site's own log
             )
         return None
 

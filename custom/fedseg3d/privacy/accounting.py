@@ -201,6 +201,10 @@ def rounds_affordable(
     Returns:
         A number of rounds in ``[0, max_rounds]``.
     """
+    if isinstance(budget_epsilon, bool) or not isinstance(budget_epsilon, numbers.Real) or not budget_epsilon > 0:
+        raise ValueError(f"budget_epsilon must be a number > 0, got {budget_epsilon!r}")
+    if isinstance(max_rounds, bool) or not isinstance(max_rounds, numbers.Integral) or max_rounds < 1:
+        raise ValueError(f"max_rounds must be an integer >= 1, got {max_rounds!r}")
     past = list(history)
 
     def fits(rounds: int) -> bool:

@@ -52,7 +52,8 @@ class ContributionLog(Widget):
             self._path = run_dir / OUTPUT_SUBDIR / CONTRIBUTIONS_FILE
             self._path.parent.mkdir(parents=True, exist_ok=True)
         elif event_type == AppEventType.ROUND_STARTED:
-            self._num_rounds = fl_ctx.get_prop(AppConstants.NUM_ROUNDS)
+            # FedAvg sets NUM_ROUNDS as a non-sticky prop: remember the last value seen.
+            self._num_rounds = fl_ctx.get_prop(AppConstants.NUM_ROUNDS) or self._num_rounds
         elif event_type == AppEventType.BEFORE_CONTRIBUTION_ACCEPT:
             self._record(fl_ctx)
 
