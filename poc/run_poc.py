@@ -82,7 +82,9 @@ def nvflare(args: list[str], workspace: Path, timeout: float = 120) -> subproces
     command = [str(Path(sys.executable).parent / "nvflare"), *args]
     result = subprocess.run(command, env=nvflare_env(workspace), capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
-        raise RuntimeError(f"`nvflare {' '.join(args)}` failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise RuntimeError(
+            f"`nvflare {' '.join(args)}` failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
@@ -104,7 +106,9 @@ def poc_processes(workspace: Path) -> list[psutil.Process]:
     return found
 
 
-def prepare(workspace: Path, data_root: Path, project_file: Path = PROJECT_FILE, threads_per_site: int = 1) -> PocLayout:
+def prepare(
+    workspace: Path, data_root: Path, project_file: Path = PROJECT_FILE, threads_per_site: int = 1
+) -> PocLayout:
     """``nvflare poc prepare -i project.yml`` and write each site's data config into its ``local/`` folder."""
     workspace = workspace.resolve()
     layout = PocLayout(workspace, yaml.safe_load(project_file.read_text()))
@@ -165,6 +169,9 @@ def print_progress(lines: list[str]) -> None:
         global_dice = (entry.get("initial_metrics") or {}).get("val_mean_dice")
         local_dice = (entry.get("site_metrics") or {}).get("local_val_mean_dice")
         parts = [f"round {entry['round'] + 1}/{total}", f"{entry['site']:>8}"]
+        if entry.get("return_code") != "OK":
+            log("  ".join([*parts, f"FAILED ({entry.get('return_code')}): see that site's log"]))
+            continue
         if global_dice is not None:
             parts.append(f"global-model Dice {global_dice:.4f}")
         if local_dice is not None:
@@ -172,7 +179,9 @@ def print_progress(lines: list[str]) -> None:
         log("  ".join(parts))
 
 
-def submit_and_wait(layout: PocLayout, job_dir: Path, timeout: float, download_to: Path) -> tuple[str, str, Path | None]:
+def submit_and_wait(
+    layout: PocLayout, job_dir: Path, timeout: float, download_to: Path
+) -> tuple[str, str, Path | None]:
     """Submit through the admin API, follow progress, download results. Returns (job id, final status, result dir)."""
     from nvflare.fuel.flare_api.flare_api import new_secure_session
 

@@ -19,6 +19,8 @@ numpy array, a NaN or infinity, or an exhausted budget raise in ``process``. Int
 through: the learner already keeps integer state (``num_batches_tracked``) local, so one arriving here means the
 model split is broken, and an integer leaving unnoised would leak while a noised one would no longer be an integer.
 Error replies (return code not OK) leave with their return code only: any payload they carry is dropped.
+This is a plain ``Filter``, not an ``nvflare.apis.dxo_filter.DXOFilter``: that base class passes shareables that are
+not DXOs, and DXO kinds it was not configured for, through unchanged, which is failing open.
 
 What FLARE does when this filter raises (nvflare 2.9.0, ``nvflare/private/fed/client/client_runner.py``,
 ``ClientRunner._do_task``): ``apply_filters`` propagates the exception, the runner logs it and returns a *new*
@@ -115,7 +117,7 @@ def clip_and_noise(
 ) -> tuple[dict[str, np.ndarray], bool]:
     """Scale ``arrays`` so their global L2 norm is at most ``clip_norm``, then add N(0, noise_std^2) per element.
 
-    Computed in float64 one key at a time (so memory peaks at one float64 copy of the largest tensor), then cast
+    Computed in float64 one key at a time (memory peaks at two float64 arrays the size of the largest tensor), then cast
     back to each array's dtype. The cast happens after the noise, so it is post-processing and cannot weaken the
     guarantee.
 

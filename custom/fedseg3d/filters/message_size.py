@@ -120,4 +120,6 @@ class MessageSizeRecorder(Filter):
 def _current_round(shareable: Shareable, fl_ctx: FLContext) -> Any:
     """The round from the message header (set by the FLModel conversion), else from the context."""
     value = shareable.get_header(AppConstants.CURRENT_ROUND)
-    return value if value is not None else fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+    if value is None:
+        value = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+    return int(value) if isinstance(value, int | np.integer) else value

@@ -114,7 +114,9 @@ class SegmentationLearner(Learner):
             return make_reply(ReturnCode.BAD_TASK_DATA)
         current_round = int(data.get_header(AppConstants.CURRENT_ROUND, 0))
         total_rounds = data.get_header(AppConstants.NUM_ROUNDS, "?")
-        self.log_info(fl_ctx, f"round {current_round + 1}/{total_rounds}: training on {self.trainer.num_train_cases} cases")
+        self.log_info(
+            fl_ctx, f"round {current_round + 1}/{total_rounds}: training on {self.trainer.num_train_cases} cases"
+        )
 
         def progress(step: int, loss: float) -> None:
             if step % LOG_EVERY_STEPS == 0:
@@ -130,8 +132,8 @@ class SegmentationLearner(Learner):
         self.log_info(
             fl_ctx,
             f"round {current_round + 1}/{total_rounds} done: loss {result.train.mean_loss:.4f}, "
-            f"{result.train.steps} steps in {result.train.seconds:.1f} s, local val Dice {result.local_eval.mean_dice:.4f} "
-            f"{result.local_eval.class_dice}",
+            f"{result.train.steps} steps in {result.train.seconds:.1f} s, "
+            f"local val Dice {result.local_eval.mean_dice:.4f} {result.local_eval.class_dice}",
         )
         self._stream(result.metrics, current_round)
         self._stream({"train_cases_per_second": result.num_cases / max(result.train.seconds, 1e-9)}, current_round)
@@ -178,8 +180,11 @@ class SegmentationLearner(Learner):
 
     def finalize(self, fl_ctx: FLContext) -> None:
         if self.trainer is not None:
-            self.log_info(fl_ctx, f"finished after {self.trainer.rounds_done} round(s); best local val Dice "
-                                  f"{self.trainer.best_local_dice:.4f}, models in {self.trainer.output_dir}")
+            self.log_info(
+                fl_ctx,
+                f"finished after {self.trainer.rounds_done} round(s); best local val Dice "
+                f"{self.trainer.best_local_dice:.4f}, models in {self.trainer.output_dir}",
+            )
 
     # --------------------------------------------------------------------------------------------- helpers
     def _received_weights(self, data: Shareable, fl_ctx: FLContext) -> dict | None:

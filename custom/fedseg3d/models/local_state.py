@@ -80,7 +80,9 @@ def load_shared_state(model: torch.nn.Module, split: LocalStateSplit, weights: d
     for key in split.shared:
         value = weights[key]
         if tuple(np.shape(value)) != tuple(state[key].shape):
-            raise ValueError(f"global model key '{key}' has shape {np.shape(value)}, expected {tuple(state[key].shape)}")
+            raise ValueError(
+                f"global model key '{key}' has shape {np.shape(value)}, expected {tuple(state[key].shape)}"
+            )
     with torch.no_grad():
         for key in split.shared:
             tensor = torch.as_tensor(np.asarray(weights[key]))

@@ -35,16 +35,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_res_units": 2,
         "norm": "batch",
     },
-    # Group norm instead of batch norm: no running statistics and no cross-sample coupling, so per-sample
+    # Instance norm instead of batch norm: no running statistics and no coupling between samples, so per-sample
     # gradients are well defined (needed by DP-SGD). It trades FedBN's per-site statistics for privacy.
-    "unet3d_tiny_groupnorm": {
+    "unet3d_tiny_instancenorm": {
         "spatial_dims": 3,
         "in_channels": 1,
         "out_channels": 3,
         "channels": (8, 16, 32, 64),
         "strides": (2, 2, 2),
         "num_res_units": 1,
-        "norm": ("group", {"num_groups": 4}),
+        "norm": ("instance", {"affine": True}),
     },
 }
 

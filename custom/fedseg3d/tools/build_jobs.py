@@ -54,7 +54,9 @@ def apply_overrides(app_config_dir: Path, overrides: dict[str, object]) -> None:
         raise ValueError(f"{app_config_dir}: no top-level variable(s) {sorted(unused)} in {list(CONFIG_FILES)}")
 
 
-def build_job(source: Path, out_dir: Path, overrides: dict[str, object], min_clients: int | None, with_code: bool) -> Path:
+def build_job(
+    source: Path, out_dir: Path, overrides: dict[str, object], min_clients: int | None, with_code: bool
+) -> Path:
     """Copy one job folder, apply overrides and (unless ``with_code`` is False) bundle the package as app code."""
     if not (source / "meta.json").is_file():
         raise ValueError(f"{source}: not a job folder (no meta.json)")

@@ -26,8 +26,14 @@ def simulator_command(job_dir: Path, workspace: Path, sites: list[str], threads:
     ]  # fmt: skip
 
 
-def run_simulation(job_dir: Path, workspace: Path, sites_root: Path, sites: list[str], threads: int | None = None,
-                   timeout: float | None = None) -> int:
+def run_simulation(
+    job_dir: Path,
+    workspace: Path,
+    sites_root: Path,
+    sites: list[str],
+    threads: int | None = None,
+    timeout: float | None = None,
+) -> int:
     """Run the simulator to completion and return its exit code (0 when the job finished)."""
     env = dict(os.environ, **{SITES_ROOT_ENV: str(Path(sites_root).resolve())})
     command = simulator_command(job_dir.resolve(), workspace.resolve(), sites, threads or len(sites))

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from monai.utils import set_determinism
 
-from fedseg3d.data.dataset import CasePreparer, PreparedCases, make_train_loader, prepare_cases
 from fedseg3d.data.datalist import Datalist
+from fedseg3d.data.dataset import CasePreparer, PreparedCases, make_train_loader, prepare_cases
 from fedseg3d.data.transforms import PreprocessConfig
 from fedseg3d.models.local_state import load_shared_state, shared_state_numpy, split_local_state
 from fedseg3d.models.presets import build_model, count_parameters
@@ -151,7 +151,10 @@ class SiteTrainer:
             logger.debug("%s: kept %d local key(s) instead of the global values", self.site_name, len(ignored))
         start = shared_state_numpy(self.model, self.split)
         loader = make_train_loader(
-            self.train_cases.items, self.preprocessing, self.training.batch_size, seed=self.training.seed + current_round
+            self.train_cases.items,
+            self.preprocessing,
+            self.training.batch_size,
+            seed=self.training.seed + current_round,
         )
         optimizer = torch.optim.Adam(
             self.model.parameters(), lr=self.training.learning_rate, weight_decay=self.training.weight_decay
@@ -176,7 +179,9 @@ class SiteTrainer:
             raise FloatingPointError(f"{self.site_name}: update has non-finite values in {bad[:3]}; not sending it")
         self.rounds_done += 1
         metrics = {"train_loss": stats.mean_loss, **local_eval.as_metrics("local_val_")}
-        return RoundResult(update=update, num_cases=self.num_train_cases, train=stats, local_eval=local_eval, metrics=metrics)
+        return RoundResult(
+            update=update, num_cases=self.num_train_cases, train=stats, local_eval=local_eval, metrics=metrics
+        )
 
     def shared_weights(self, best: bool = True) -> dict[str, np.ndarray]:
         """The shared part of this site's model (the best one by local validation Dice when ``best``), for
@@ -207,4 +212,6 @@ class SiteTrainer:
         if math.isfinite(local_eval.mean_dice) and local_eval.mean_dice > self.best_local_dice:
             self.best_local_dice = local_eval.mean_dice
             torch.save(state, self.output_dir / "best_local_model.pt")
-            logger.info("%s: new best local model (Dice %.4f) at round %d", self.site_name, local_eval.mean_dice, current_round)
+            logger.info(
+                "%s: new best local model (Dice %.4f) at round %d", self.site_name, local_eval.mean_dice, current_round
+            )

@@ -8,14 +8,15 @@ import math
 import numpy as np
 import pytest
 import torch
-from fedseg3d.filters.gaussian_dp import PRIVACY_DIR_ENV, GaussianDPFilter
-from fedseg3d.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger, PrivacyLedgerError
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_constant import FLMetaKey, ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.workspace import Workspace
 from opacus.accountants import RDPAccountant
+
+from fedseg3d.filters.gaussian_dp import PRIVACY_DIR_ENV, GaussianDPFilter
+from fedseg3d.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger, PrivacyLedgerError
 
 DELTA = 1e-5
 

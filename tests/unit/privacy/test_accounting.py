@@ -8,6 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+from scipy.stats import norm
+
 from fedseg3d.privacy import accounting
 from fedseg3d.privacy.accounting import (
     compress_history,
@@ -18,8 +21,6 @@ from fedseg3d.privacy.accounting import (
     site_update_mechanism,
     would_exceed,
 )
-from opacus.accountants import PRVAccountant, RDPAccountant
-from scipy.stats import norm
 
 DELTA = 1e-5
 

@@ -7,6 +7,8 @@ import threading
 
 import numpy as np
 import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+
 from fedseg3d.privacy.ledger import (
     PrivacyBudgetExceeded,
     PrivacyLedger,
@@ -14,7 +16,6 @@ from fedseg3d.privacy.ledger import (
     SpendEntry,
     load_site_privacy_budget,
 )
-from opacus.accountants import PRVAccountant, RDPAccountant
 
 DELTA = 1e-5
 
