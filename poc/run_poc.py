@@ -106,24 +106,36 @@ def poc_processes(workspace: Path) -> list[psutil.Process]:
     return found
 
 
+def load_layout(workspace: Path, project_file: Path = PROJECT_FILE) -> PocLayout:
+    return PocLayout(workspace.resolve(), yaml.safe_load(project_file.read_text()))
+
+
 def prepare(
-    workspace: Path, data_root: Path, project_file: Path = PROJECT_FILE, threads_per_site: int = 1
-) -> PocLayout:
-    """``nvflare poc prepare -i project.yml`` and write each site's data config into its ``local/`` folder."""
-    workspace = workspace.resolve()
-    layout = PocLayout(workspace, yaml.safe_load(project_file.read_text()))
+    layout: PocLayout,
+    data_root: Path,
+    sites: list[str],
+    project_file: Path = PROJECT_FILE,
+    threads_per_site: int = 1,
+) -> None:
+    """``nvflare poc prepare -i project.yml`` and write each started site's data config into its ``local/``."""
     if port_in_use(layout.port):
         raise RuntimeError(f"port {layout.port} is already in use: is another FLARE server running?")
-    log(f"preparing POC workspace {workspace} from {project_file}")
-    nvflare(["poc", "prepare", "-i", str(project_file), "--force"], workspace)
-    for site in layout.site_names:
-        site_data = (data_root / site).resolve()
-        if not (site_data / "datalist.json").is_file():
-            raise FileNotFoundError(f"{site_data}/datalist.json not found: run `make data` first")
-        config = {"site_name": site, "data_root": str(site_data), "datalist": "datalist.json",
-                  "num_threads": threads_per_site}  # fmt: skip
+    unknown = set(sites) - set(layout.site_names)
+    if unknown:
+        raise ValueError(f"sites {sorted(unknown)} are not in {project_file} (known: {layout.site_names})")
+    for site in sites:
+        if not (data_root / site / "datalist.json").is_file():
+            raise FileNotFoundError(f"{data_root / site}/datalist.json not found: run `make data` first")
+    log(f"preparing POC workspace {layout.workspace} from {project_file}")
+    nvflare(["poc", "prepare", "-i", str(project_file), "--force"], layout.workspace)
+    for site in sites:
+        config = {
+            "site_name": site,
+            "data_root": str((data_root / site).resolve()),
+            "datalist": "datalist.json",
+            "num_threads": threads_per_site,
+        }
         (layout.prod_dir / site / "local" / SITE_CONFIG_FILENAME).write_text(json.dumps(config, indent=2) + "\n")
-    return layout
 
 
 def start(layout: PocLayout, sites: list[str], timeout: float = 120) -> None:
@@ -228,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     from fedseg3d.tools.build_jobs import parse_override
 
     overrides = dict(parse_override(o) for o in args.overrides)
-    layout = prepare(args.workspace, args.data, threads_per_site=args.threads_per_site)
+    layout = load_layout(args.workspace)
     sites = layout.site_names[: args.sites] if args.sites else layout.site_names
+    prepare(layout, args.data, sites, threads_per_site=args.threads_per_site)
     overrides.setdefault("sites_per_round", len(sites))
     (job_dir,) = build_jobs(REPO / "jobs", args.workspace / "jobs", [args.job], overrides, min_clients=len(sites))
     # SIGTERM (e.g. from a CI runner) takes the same clean-up path as Ctrl-C.

@@ -14,15 +14,16 @@ sys.path.insert(0, str(REPO))
 
 from fedseg3d.tools.build_jobs import build_jobs  # noqa: E402
 from fedseg3d.tools.report import find_cross_site_results  # noqa: E402
-from poc.run_poc import poc_processes, port_in_use, prepare, start, stop, submit_and_wait  # noqa: E402
+from poc.run_poc import load_layout, poc_processes, port_in_use, prepare, start, stop, submit_and_wait  # noqa: E402
 
 pytestmark = pytest.mark.poc
 
 
 def test_poc_federation_runs_a_job_submitted_through_the_admin_api(tiny_sites, tmp_path):
     workspace = tmp_path / "poc"
-    layout = prepare(workspace, tiny_sites)
+    layout = load_layout(workspace)
     sites = ["site-1", "site-2"]
+    prepare(layout, tiny_sites, sites)
     overrides = {"num_rounds": 1, "sites_per_round": 2, "local_steps": 2}
     (job_dir,) = build_jobs(REPO / "jobs", tmp_path / "jobs", ["unet3d_fedbn"], overrides, min_clients=2)
     try:
