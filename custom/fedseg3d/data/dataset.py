@@ -1,0 +1,112 @@
+"""Load, check and preprocess a site's cases once, then serve random training patches from memory.
+
+Preprocessing every case up front (rather than lazily inside a DataLoader) means every data error surfaces
+before the first training step, with the file named, and each case is read from disk exactly once per job.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from monai.data import DataLoader, Dataset, list_data_collate
+from monai.data.image_reader import NibabelReader, PydicomReader
+from monai.transforms import LoadImage
+
+from fedseg3d.data.case_checks import check_case_files, check_image_content, check_label_content, check_same_geometry
+from fedseg3d.data.datalist import Case
+from fedseg3d.data.dicom import MONAI_DICOM_READER_ARGS
+from fedseg3d.data.errors import DataError
+from fedseg3d.data.transforms import (
+    PreprocessConfig,
+    orientation_transform,
+    resample_and_normalise_transform,
+    train_augment_transform,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedCases:
+    """Preprocessed cases ready for training or evaluation, and the ones that were skipped (with why)."""
+
+    items: list[dict] = field(default_factory=list)
+    skipped: list[DataError] = field(default_factory=list)
+
+
+class VolumeLoader:
+    """Reads one volume with the MONAI reader that fits it: NIfTI files with nibabel, DICOM folders with pydicom."""
+
+    def __init__(self) -> None:
+        self._nifti = LoadImage(reader=NibabelReader(), image_only=True, ensure_channel_first=True)
+        self._dicom = LoadImage(reader=PydicomReader(**MONAI_DICOM_READER_ARGS), image_only=True, ensure_channel_first=True)
+
+    def __call__(self, path: Path) -> torch.Tensor:
+        reader = self._dicom if path.is_dir() else self._nifti
+        try:
+            return reader(str(path))
+        except Exception as err:  # nibabel/pydicom raise many types for truncated or corrupt files
+            # MONAI's message goes on to list every reader it tried; its first line says what matters.
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise DataError(path, f"unreadable or truncated file ({type(err).__name__}: {first_line})") from err
+
+
+class CasePreparer:
+    """Turns a ``Case`` into a preprocessed ``{"image", "label"}`` dict, checking it on the way."""
+
+    def __init__(self, cfg: PreprocessConfig, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self._load = VolumeLoader()
+        self._orient = orientation_transform()
+        self._resample = resample_and_normalise_transform(cfg)
+
+    def __call__(self, case: Case) -> dict:
+        check_case_files(case)
+        image = self._load(case.image)
+        label = self._load(case.label)
+        check_image_content(case.image, image)
+        oriented = self._orient({"image": image, "label": label})
+        check_same_geometry(case, oriented["image"], oriented["label"])
+        check_label_content(case.label, oriented["label"], self.num_classes)
+        item = self._resample(oriented)
+        item["case_id"] = case.case_id
+        return item
+
+
+def prepare_cases(
+    cases: tuple[Case, ...] | list[Case],
+    preparer: CasePreparer,
+    skip_bad_cases: bool,
+    split: str,
+) -> PreparedCases:
+    """Prepare every case; fail on the first bad one, or skip bad ones with a warning if the site allows it.
+
+    Raises:
+        DataError: a case is bad and ``skip_bad_cases`` is False, or every case of the split was bad.
+    """
+    prepared = PreparedCases()
+    for case in cases:
+        try:
+            prepared.items.append(preparer(case))
+        except DataError as err:
+            if not skip_bad_cases:
+                raise
+            logger.warning("skipping %s case %s: %s", split, case.case_id, err)
+            prepared.skipped.append(err)
+    if not prepared.items:
+        raise DataError(split, f"no usable {split} case left after skipping {len(prepared.skipped)} bad one(s)")
+    return prepared
+
+
+def make_train_loader(items: list[dict], cfg: PreprocessConfig, batch_size: int, seed: int) -> DataLoader:
+    """Batches of random patches; each volume yields ``samples_per_volume`` patches per epoch."""
+    augment = train_augment_transform(cfg)
+    augment.set_random_state(seed=seed)
+    dataset = Dataset(data=items, transform=augment)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, num_workers=0, collate_fn=list_data_collate, generator=generator
+    )
