@@ -170,10 +170,14 @@ class SegmentationLearner(Learner):
         return DXO(data_kind=DataKind.METRICS, data=metrics).to_shareable()
 
     def get_model_for_validation(self, model_name: str, fl_ctx: FLContext) -> Shareable:
-        """This site's best local model for cross-site evaluation: only the shared part ever leaves the site."""
+        """This site's final local model for cross-site evaluation: only the shared part ever leaves the site.
+
+        The final model, not the best checkpoint: in FedBN each evaluating site pairs the received weights with its
+        current batch norm, which matches the final weights and not an earlier checkpoint's.
+        """
         if (reply := self._not_ready(fl_ctx)) is not None:
             return reply
-        return DXO(data_kind=DataKind.WEIGHTS, data=self.trainer.shared_weights(best=True)).to_shareable()
+        return DXO(data_kind=DataKind.WEIGHTS, data=self.trainer.shared_weights(best=False)).to_shareable()
 
     def abort(self, fl_ctx: FLContext) -> None:
         self.log_info(fl_ctx, "abort requested; the running task stops at the next step")
