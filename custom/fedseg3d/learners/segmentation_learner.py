@@ -177,7 +177,7 @@ class SegmentationLearner(Learner):
         """
         if (reply := self._not_ready(fl_ctx)) is not None:
             return reply
-        return DXO(data_kind=DataKind.WEIGHTS, data=self.trainer.shared_weights(best=False)).to_shareable()
+        return DXO(data_kind=DataKind.WEIGHTS, data=self.trainer.shared_weights()).to_shareable()
 
     def abort(self, fl_ctx: FLContext) -> None:
         self.log_info(fl_ctx, "abort requested; the running task stops at the next step")

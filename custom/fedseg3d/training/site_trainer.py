@@ -183,14 +183,8 @@ class SiteTrainer:
             update=update, num_cases=self.num_train_cases, train=stats, local_eval=local_eval, metrics=metrics
         )
 
-    def shared_weights(self, best: bool = True) -> dict[str, np.ndarray]:
-        """The shared part of this site's model (the best one by local validation Dice when ``best``), for
-        cross-site evaluation: local batch norm stays home even then."""
-        path = self.output_dir / "best_local_model.pt"
-        if best and path.is_file():
-            model = copy.deepcopy(self.model)
-            model.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
-            return shared_state_numpy(model, self.split)
+    def shared_weights(self) -> dict[str, np.ndarray]:
+        """The shared part of this site's current model, for cross-site evaluation: local batch norm stays home."""
         return shared_state_numpy(self.model, self.split)
 
     def _evaluate(self, model: torch.nn.Module, should_stop) -> EvalResult:
