@@ -4,7 +4,11 @@ Array byte counts understate what travels: FOBS frames every numpy array (about 
 meta and key names ride along. This filter measures ``len(fobs.dumps(shareable))``, the serialised Shareable,
 and appends one JSON line per message to ``<run dir>/fedseg3d/<output_file>``, so compression claims are made on
 bytes, not on ``nbytes``. Put it last in a sender's chain (site ``task_result_filters``, server
-``task_data_filters``), after any quantiser.
+``task_data_filters``), after any quantiser; or, on the receiving end, *first* (``side="receiver"``, server
+``task_result_filters`` before the ``DequantizeFilter``), which measures what arrived. With both recorders on the
+server, one file in the server's run folder (downloaded with the job's results) holds both directions, and
+``tb_tag`` streams each message's size to the server's TensorBoard (``TBAnalyticsReceiver``) as
+``<tb_tag>/<direction>/<site>`` at step = round.
 
 ``fobs.dumps`` without a messaging cell serialises arrays inline (``np.save`` bytes). On the real wire FLARE 2.9
 streams arrays through its download service in per-array ``npz`` chunks: slightly more framing per array, the same
@@ -20,10 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from nvflare.apis.analytix import AnalyticsDataType, LogWriterName
 from nvflare.apis.dxo import from_shareable
 from nvflare.apis.filter import Filter
+from nvflare.apis.fl_constant import FLContextKey, ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
+from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.decomposers import numpy_decomposers
 from nvflare.fuel.utils import fobs
@@ -31,6 +38,7 @@ from nvflare.fuel.utils import fobs
 from fedseg3d.filters.quantize_filter import QUANT_META_KEY
 
 DIRECTIONS = ("site_to_server", "server_to_site")
+SIDES = ("sender", "receiver")
 OUTPUT_SUBDIR = "fedseg3d"
 
 
@@ -56,27 +64,42 @@ def raw_float32_nbytes(shareable: Shareable) -> int | None:
 
 
 class MessageSizeRecorder(Filter):
-    """Appends ``{round, site, direction, bytes, raw_float32_bytes}`` for each message and passes it on unchanged.
+    """Appends ``{round, site, task, direction, bytes, raw_float32_bytes}`` per message and passes it on unchanged.
 
     Args:
-        direction: ``"site_to_server"`` (in a site's result chain) or ``"server_to_site"`` (in the server's task
-            data chain). It decides where the site name comes from: this process, or the requesting peer.
+        direction: ``"site_to_server"`` (task results) or ``"server_to_site"`` (task data).
         output_file: a bare file name, created under ``<run dir>/fedseg3d/``.
+        side: ``"sender"`` (last in the sender's chain) or ``"receiver"`` (first in the receiver's chain). With the
+            direction it decides where the site name comes from: this process, or the peer.
+        tb_tag: when not empty, also stream the byte count as a TensorBoard scalar ``<tb_tag>/<direction>/<site>``
+            (an ``analytix_log_stats`` event; on the server the ``TBAnalyticsReceiver`` writes it).
 
     Raises:
-        ValueError: an unknown direction or an output_file that is not a bare file name.
+        ValueError: an unknown direction or side, or an output_file that is not a bare file name.
     """
 
-    def __init__(self, direction: str = "site_to_server", output_file: str = "message_sizes.jsonl") -> None:
+    def __init__(
+        self,
+        direction: str = "site_to_server",
+        output_file: str = "message_sizes.jsonl",
+        side: str = "sender",
+        tb_tag: str = "",
+    ) -> None:
         super().__init__()
         if direction not in DIRECTIONS:
             raise ValueError(f"MessageSizeRecorder: direction must be one of {DIRECTIONS}, got {direction!r}")
+        if side not in SIDES:
+            raise ValueError(f"MessageSizeRecorder: side must be one of {SIDES}, got {side!r}")
+        if not isinstance(tb_tag, str):
+            raise ValueError(f"MessageSizeRecorder: tb_tag must be a string, got {tb_tag!r}")
         if not isinstance(output_file, str) or not output_file or Path(output_file).name != output_file:
             raise ValueError(f"MessageSizeRecorder: output_file must be a bare file name, got {output_file!r}")
         if output_file in (".", ".."):
             raise ValueError(f"MessageSizeRecorder: output_file must be a bare file name, got {output_file!r}")
         self.direction = direction
         self.output_file = output_file
+        self.side = side
+        self.tb_tag = tb_tag
         self._lock = threading.Lock()  # the server filters several sites' messages from several threads
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
@@ -84,7 +107,9 @@ class MessageSizeRecorder(Filter):
         entry = {
             "round": _current_round(shareable, fl_ctx),
             "site": self._site(fl_ctx),
+            "task": fl_ctx.get_prop(FLContextKey.TASK_NAME) or shareable.get_header(ReservedKey.TASK_NAME),
             "direction": self.direction,
+            "side": self.side,
             "bytes": message_nbytes(shareable),
             "raw_float32_bytes": raw_float32_nbytes(shareable),
             "time": time.time(),
@@ -97,7 +122,20 @@ class MessageSizeRecorder(Filter):
         raw = entry["raw_float32_bytes"]
         ratio = f" ({raw / entry['bytes']:.2f}x vs float32 arrays)" if raw else ""
         self.log_info(fl_ctx, f"{self.direction} round {entry['round']} {entry['site']}: {entry['bytes']} bytes{ratio}")
+        if self.tb_tag and isinstance(entry["round"], int):
+            self._stream(entry, fl_ctx)
         return shareable
+
+    def _stream(self, entry: dict[str, Any], fl_ctx: FLContext) -> None:
+        """Fire the analytics event from a fresh context, so the filter's own context keeps its props."""
+        tag = f"{self.tb_tag}/{self.direction}/{entry['site'] or 'unknown'}"
+        if entry["task"] not in (None, "train"):
+            tag += f"/{entry['task']}"
+        dxo = create_analytic_dxo(
+            tag, entry["bytes"], AnalyticsDataType.SCALAR, LogWriterName.TORCH_TB, global_step=entry["round"]
+        )
+        with fl_ctx.get_engine().new_context() as event_ctx:
+            send_analytic_dxo(self, dxo, event_ctx)
 
     def output_path(self, fl_ctx: FLContext) -> Path:
         """``<run dir>/fedseg3d/<output_file>`` of this process's workspace.
@@ -111,15 +149,19 @@ class MessageSizeRecorder(Filter):
         return Path(engine.get_workspace().get_run_dir(job_id)) / OUTPUT_SUBDIR / self.output_file
 
     def _site(self, fl_ctx: FLContext) -> str | None:
-        if self.direction == "site_to_server":
+        on_the_site = (self.direction == "site_to_server") == (self.side == "sender")
+        if on_the_site:
             return fl_ctx.get_identity_name() or None
         peer = fl_ctx.get_peer_context()
         return peer.get_identity_name() or None if peer is not None else None
 
 
 def _current_round(shareable: Shareable, fl_ctx: FLContext) -> Any:
-    """The round from the message header (set by the FLModel conversion), else from the context."""
+    """The round from the message header (task data), the round cookie FLARE's model controllers put on a task and
+    sites echo back (results), else from the context."""
     value = shareable.get_header(AppConstants.CURRENT_ROUND)
+    if value is None:
+        value = shareable.get_cookie(AppConstants.CONTRIBUTION_ROUND)
     if value is None:
         value = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
     return int(value) if isinstance(value, int | np.integer) else value

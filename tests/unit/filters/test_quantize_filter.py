@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
-from nvflare.apis.fl_constant import ReservedKey
+from nvflare.apis.fl_constant import FLContextKey, ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_copy
 from nvflare.apis.workspace import Workspace
@@ -298,3 +298,43 @@ def test_recorder_names_the_receiving_site_on_the_server(tmp_path):
 def test_recorder_outside_a_job_raises():
     with pytest.raises(RuntimeError, match="engine"):
         MessageSizeRecorder().process(_shareable(_update()), FLContext())
+
+
+class _EventEngine(_Engine):
+    """An engine that hands out contexts and records the events fired with them (as FLARE's engines do)."""
+
+    def __init__(self, workspace: Workspace) -> None:
+        super().__init__(workspace)
+        self.events: list[tuple[str, Shareable]] = []
+
+    def new_context(self) -> FLContext:
+        fl_ctx = FLContext()
+        fl_ctx.set_prop(ReservedKey.ENGINE, self, private=True, sticky=False)
+        return fl_ctx
+
+    def fire_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        self.events.append((event_type, fl_ctx.get_prop(FLContextKey.EVENT_DATA)))
+
+
+def test_recorder_on_the_receiving_server_names_the_sender_round_task_and_streams_to_tensorboard(tmp_path):
+    fl_ctx = _job_ctx(tmp_path, "server", peer="site-2")
+    engine = _EventEngine(fl_ctx.get_engine().get_workspace())
+    fl_ctx.set_prop(ReservedKey.ENGINE, engine, private=True, sticky=False)
+    fl_ctx.set_prop(FLContextKey.TASK_NAME, "train", private=True, sticky=False)
+    result = DXO(data_kind=DataKind.WEIGHT_DIFF, data=_update()).to_shareable()
+    result.add_cookie(AppConstants.CONTRIBUTION_ROUND, 7)  # what a site echoes back from its task
+    recorder = MessageSizeRecorder(direction="site_to_server", side="receiver", tb_tag="message_bytes")
+    assert recorder.process(result, fl_ctx) is result
+
+    entry = json.loads((tmp_path / "simulate_job" / "fedseg3d" / "message_sizes.jsonl").read_text())
+    assert {k: entry[k] for k in ("round", "site", "task", "side")} == {
+        "round": 7,
+        "site": "site-2",
+        "task": "train",
+        "side": "receiver",
+    }
+    ((event_type, data),) = engine.events
+    analytic = from_shareable(data).data
+    assert event_type == "analytix_log_stats"
+    assert analytic["track_key"] == "message_bytes/site_to_server/site-2"
+    assert analytic["track_value"] == entry["bytes"] and analytic["global_step"] == 7

@@ -1,0 +1,259 @@
+"""Downlink compression: the server sends each site the *difference* between the global model and that site's copy.
+
+Full weights do not compress past about 7x at 4 bits (scales and framing eat the rest, see ``quantize_filter``), and
+top-k of full weights would zero most of the model. The change of the global model since a site's last copy is an
+update like any other, so it takes every scheme, top-k included. The pair:
+
+    server task_data_filters (task "train")  [GlobalModelDeltaEncoder(scheme=...), MessageSizeRecorder(...)]
+    site   task_data_filters (task "train")  [DequantizeFilter(), GlobalModelDeltaDecoder()]
+
+``GlobalModelDeltaEncoder`` keeps, per site (the requesting peer's name), the model *as that site reconstructed it*
+(what it decoded, not what the server meant to send). It sends ``global - reconstruction``, quantised, and leaves
+out tensors that did not change at all since the site's copy (in FedBN the server's never-trained norm layers); the
+first message to a site, or one whose keys or shapes changed, carries the full weights (``full_scheme``). Because the
+reference is the site's reconstruction, whatever the codec lost in one round is part of the next round's difference:
+the gap between the true global model and the site's copy never accumulates (error feedback on the downlink, as in
+Karimireddy et al., "Error Feedback Fixes SignSGD", ICML 2019, applied to the server's broadcast). Non-float arrays
+(``num_batches_tracked``) travel as exact values, not differences.
+
+``GlobalModelDeltaDecoder`` runs after ``DequantizeFilter``, adds the difference to the site's copy and hands the
+learner ordinary ``WEIGHTS``. Both sides count messages and fingerprint the reconstruction (CRC-32 of every float
+array): a site that missed a message, restarted, or decoded something else raises with both sequence numbers instead
+of training on a model that silently drifted from the server's.
+
+Why not stateless: a stateless downlink cannot clear 8x on full weights. Why keyed by the requesting site and not
+broadcast once: FLARE 2.9 runs the server's task data filters once per site, when that site pulls its task
+(``ServerRunner.process_task_request``, with the site as the peer context), so per-site state is exactly what the
+filter chain sees. Only the ``train`` task should go through it: cross-site evaluation sends other models (other
+sites', the best global) which are not a continuation of the site's copy.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.dxo_filter import DXOFilter
+from nvflare.apis.filter import Filter
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+
+from fedseg3d.filters import codecs
+from fedseg3d.filters.quantize_filter import QUANT_META_KEY, WIRE_DATA_KIND, _meta_without
+
+DELTA_META_KEY = "fedseg3d_downlink_delta"
+FULL, DELTA = "full", "delta"
+
+
+def fingerprint(weights: Mapping[str, np.ndarray]) -> int:
+    """CRC-32 of every array (names and bytes, float arrays as float32, in key order): both ends compute the same."""
+    crc = 0
+    for key in sorted(weights):
+        value = weights[key]
+        dtype = np.float32 if value.dtype.kind == "f" else value.dtype
+        crc = zlib.crc32(key.encode(), crc)
+        crc = zlib.crc32(np.ascontiguousarray(value, dtype=dtype).tobytes(), crc)
+    return crc
+
+
+def _check_scheme(name: str, scheme: Any, allowed: tuple[str, ...]) -> str:
+    if scheme not in allowed:
+        raise ValueError(f"GlobalModelDeltaEncoder: {name} must be one of {allowed}, got {scheme!r}")
+    return scheme
+
+
+class GlobalModelDeltaEncoder(DXOFilter):
+    """Server side: quantised difference between the global model and each site's reconstruction of it.
+
+    Args:
+        scheme: codec for the differences: ``fp16``, ``int8``, ``int4`` or ``topk``.
+        block_size: values per scale (``int8``/``int4``/top-k values); the codec default when None.
+        topk_fraction: share of each tensor's entries sent by ``topk``.
+        full_scheme: codec for a full model (first message to a site): ``fp16``, ``int8`` or ``int4``.
+        seed: seeds the stochastic rounding, mixed with the site name.
+
+    Raises:
+        ValueError: an invalid argument; at run time, no peer site in the context, a non-array or non-finite value.
+    """
+
+    def __init__(
+        self,
+        scheme: str = "int8",
+        block_size: int | None = None,
+        topk_fraction: float = 0.1,
+        full_scheme: str = "int8",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(supported_data_kinds=[DataKind.WEIGHTS], data_kinds_to_filter=[DataKind.WEIGHTS])
+        self.scheme = _check_scheme("scheme", scheme, codecs.SCHEMES)
+        self.full_scheme = _check_scheme("full_scheme", full_scheme, ("fp16", "int8", "int4"))
+        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)):
+            raise ValueError(f"GlobalModelDeltaEncoder: block_size must be a positive int or None, got {block_size!r}")
+        if block_size is not None and block_size < 1:
+            raise ValueError(f"GlobalModelDeltaEncoder: block_size must be a positive int or None, got {block_size!r}")
+        if isinstance(topk_fraction, bool) or not isinstance(topk_fraction, int | float) or not 0 < topk_fraction <= 1:
+            raise ValueError(f"GlobalModelDeltaEncoder: topk_fraction must be in (0, 1], got {topk_fraction!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"GlobalModelDeltaEncoder: seed must be a non-negative int, got {seed!r}")
+        self.block_size = block_size
+        self.topk_fraction = float(topk_fraction)
+        self.seed = seed
+        # One instance serves every site, from the threads that answer their task requests.
+        self._lock = threading.Lock()
+        self._rngs: dict[str, np.random.Generator] = {}
+        self._refs: dict[str, dict[str, np.ndarray]] = {}
+        self._seq: dict[str, int] = {}
+
+    def reference(self, site: str) -> dict[str, np.ndarray] | None:
+        """A copy of the model as ``site`` has reconstructed it (float arrays, float32), or None."""
+        with self._lock:
+            ref = self._refs.get(site)
+            return None if ref is None else {k: v.copy() for k, v in ref.items()}
+
+    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
+        """Encode ``dxo`` (the global WEIGHTS) for the requesting site and advance that site's reference."""
+        if QUANT_META_KEY in (dxo.meta or {}) or DELTA_META_KEY in (dxo.meta or {}):
+            raise ValueError("GlobalModelDeltaEncoder: the DXO is already encoded")
+        peer = fl_ctx.get_peer_context()
+        site = peer.get_identity_name() if peer is not None else ""
+        if not site:
+            raise ValueError("GlobalModelDeltaEncoder: no requesting site in the FL context (server task data only)")
+        weights = _arrays(dxo.data, "GlobalModelDeltaEncoder")
+        with self._lock:
+            rng = self._rngs.setdefault(site, np.random.default_rng([self.seed, zlib.crc32(site.encode())]))
+            ref = self._refs.get(site)
+            compatible = ref is not None and _same_layout(ref, weights)
+            base = DELTA if compatible else FULL
+            scheme = self.scheme if compatible else self.full_scheme
+            data, new_ref, dtypes, raw, encoded = {}, {}, {}, 0, 0
+            for key, value in weights.items():
+                raw += value.nbytes
+                if value.dtype.kind != "f":
+                    new_ref[key] = value.copy()
+                    if not compatible or not np.array_equal(value, ref[key]):
+                        data[key] = value  # exact, and only when it changed
+                        encoded += value.nbytes
+                    continue
+                x = value.astype(np.float32) - ref[key] if compatible else value
+                if compatible and not np.any(x):
+                    new_ref[key] = ref[key]  # unchanged since the site's copy (FedBN's server-side norm layers)
+                    continue
+                try:
+                    container = codecs.encode(x, scheme, rng, self.block_size, self.topk_fraction)
+                    decoded = codecs.decode(container, key).astype(np.float32)
+                except ValueError as e:
+                    raise ValueError(f"GlobalModelDeltaEncoder: '{key}' for {site}: {e}") from e
+                new_ref[key] = ref[key] + decoded if compatible else decoded
+                data[key] = container
+                dtypes[key] = container["dtype"]
+                encoded += codecs.encoded_nbytes(container)
+            seq = self._seq.get(site, 0) + 1
+            delta = {
+                "base": base,
+                "seq": seq,
+                "base_crc": fingerprint(ref) if compatible else None,
+                "crc": fingerprint(new_ref),
+            }
+            # Commit only once everything encoded: a failure leaves the site's state as it was (FLARE retries later).
+            self._refs[site], self._seq[site] = new_ref, seq
+        meta = _meta_without(dxo.meta)
+        meta[QUANT_META_KEY] = {
+            "scheme": scheme,
+            "dtypes": dtypes,
+            "raw_bytes": int(raw),
+            "encoded_bytes": int(encoded),
+            "data_kind": (DataKind.WEIGHT_DIFF if compatible else DataKind.WEIGHTS).value,
+        }
+        meta[DELTA_META_KEY] = delta
+        self.log_info(
+            fl_ctx,
+            f"to {site}: {base} #{seq} as {scheme}, {raw} -> {encoded} array bytes ({raw / max(encoded, 1):.2f}x)",
+        )
+        return DXO(data_kind=WIRE_DATA_KIND, data=data, meta=meta)
+
+
+class GlobalModelDeltaDecoder(Filter):
+    """Site side, after ``DequantizeFilter``: rebuilds the full global model from a difference and the site's copy.
+
+    Fail closed: task data without the encoder's record, a sequence gap, or a fingerprint that differs from the
+    server's raises (the site then fails this task with that message) rather than training on a drifted model.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._ref: dict[str, np.ndarray] | None = None
+        self._seq = 0
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        """Return a shareable whose DXO is the reconstructed ``WEIGHTS``.
+
+        Raises:
+            ValueError: no DXO, no delta record (the server did not encode it), data still encoded (the
+                ``DequantizeFilter`` is missing or after this one), a sequence or fingerprint mismatch.
+        """
+        dxo = from_shareable(shareable)
+        record = dxo.get_meta_prop(DELTA_META_KEY)
+        if not isinstance(record, Mapping) or record.get("base") not in (FULL, DELTA):
+            raise ValueError(
+                f"GlobalModelDeltaDecoder: task data has no valid '{DELTA_META_KEY}' record (got {record!r}); the "
+                "server must run GlobalModelDeltaEncoder for this task"
+            )
+        expected_kind = DataKind.WEIGHTS if record["base"] == FULL else DataKind.WEIGHT_DIFF
+        if dxo.data_kind != expected_kind or QUANT_META_KEY in (dxo.meta or {}):
+            raise ValueError(
+                f"GlobalModelDeltaDecoder: expected a decoded {expected_kind} DXO, got {dxo.data_kind}; put "
+                "DequantizeFilter before this filter"
+            )
+        arrays = _arrays(dxo.data, "GlobalModelDeltaDecoder")
+        seq = record.get("seq")
+        with self._lock:
+            if record["base"] == FULL:
+                ref = {k: v.astype(np.float32) if v.dtype.kind == "f" else v.copy() for k, v in arrays.items()}
+            else:
+                if self._ref is None or seq != self._seq + 1:
+                    raise ValueError(
+                        f"GlobalModelDeltaDecoder: server sent difference #{seq} but this site holds copy "
+                        f"#{self._seq}: a message was lost or the site restarted; restart the job"
+                    )
+                if record.get("base_crc") != fingerprint(self._ref):
+                    raise ValueError("GlobalModelDeltaDecoder: this site's copy differs from the server's reference")
+                unknown = set(arrays) - set(self._ref)
+                if unknown:
+                    raise ValueError(f"GlobalModelDeltaDecoder: keys not in the site's copy: {sorted(unknown)[:5]}")
+                ref = dict(self._ref)  # keys absent from the message did not change
+                for key, value in arrays.items():
+                    if value.dtype.kind == "f":
+                        ref[key] = self._ref[key] + value.astype(np.float32)
+                    else:
+                        ref[key] = value.copy()
+            if record.get("crc") != fingerprint(ref):
+                raise ValueError(
+                    f"GlobalModelDeltaDecoder: reconstruction #{seq} does not match the server's fingerprint"
+                )
+            self._ref, self._seq = ref, int(seq)
+        weights = {k: v.copy() for k, v in ref.items()}
+        meta = _meta_without(dxo.meta, DELTA_META_KEY)
+        out = DXO(data_kind=DataKind.WEIGHTS, data=weights, meta=meta)
+        self.log_debug(fl_ctx, f"rebuilt global model #{seq} from a {record['base']} message")
+        return out.update_shareable(shareable)
+
+
+def _same_layout(ref: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarray]) -> bool:
+    """Same keys, shapes and kinds (float or not) as the site's copy: only then is a difference meaningful."""
+    return set(ref) == set(weights) and all(
+        ref[k].shape == v.shape and (ref[k].dtype.kind == "f") == (v.dtype.kind == "f") for k, v in weights.items()
+    )
+
+
+def _arrays(data: Any, who: str) -> dict[str, np.ndarray]:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{who}: DXO data must be a dict, got {type(data).__name__}")
+    for key, value in data.items():
+        if not isinstance(value, np.ndarray):
+            raise ValueError(f"{who}: '{key}' is a {type(value).__name__}, expected a numpy array")
+    return dict(data)
