@@ -1,0 +1,63 @@
+"""Quantised jobs in the real FLARE simulator: the bytes each message takes on the wire shrink by the expected factor
+against the float32 job, in both directions, and the federation still trains (2 sites, 2 rounds, tiny volumes).
+
+Both runs record every message on the server (``fedseg3d/message_sizes.jsonl``): what the server sends, after its
+quantiser, and what it receives, before its dequantiser. The ratios compare the same (round, site, direction).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_simulator_jobs import SITES, contributions, simulate
+
+pytestmark = pytest.mark.e2e
+
+# (uplink low, uplink high), (first downlink low, high), (later downlink low, high): int8 is 4x on array bytes,
+# less per-tensor framing; top-k 10% with int8 values and error feedback clears 8x once the site holds a copy.
+EXPECTED = {
+    "unet3d_fedbn_int8": ((3.3, 4.0), (3.0, 4.0), (3.3, 4.3)),
+    "unet3d_fedbn_topk": ((8.0, 16.0), (3.0, 4.0), (8.0, 20.0)),
+}
+
+
+def message_sizes(workspace: Path) -> dict[tuple[int, str, str], int]:
+    path = workspace / "server" / "simulate_job" / "fedseg3d" / "message_sizes.jsonl"
+    entries = [json.loads(line) for line in path.read_text().splitlines()]
+    train = [e for e in entries if e["task"] == "train"]
+    sizes = {(e["round"], e["site"], e["direction"]): e["bytes"] for e in train}
+    assert len(sizes) == len(train) == 2 * len(SITES) * 2, f"one record per round, site and direction: {train}"
+    return sizes
+
+
+@pytest.fixture(scope="module")
+def float32_run(tiny_sites, tmp_path_factory) -> dict[tuple[int, str, str], int]:
+    return message_sizes(simulate("unet3d_fedbn", tiny_sites, tmp_path_factory.mktemp("fp32")))
+
+
+@pytest.mark.parametrize("job", sorted(EXPECTED))
+def test_quantised_job_shrinks_both_directions_and_still_trains(job, float32_run, tiny_sites, tmp_path):
+    workspace = simulate(job, tiny_sites, tmp_path)
+    sizes = message_sizes(workspace)
+    assert set(sizes) == set(float32_run)
+    (up_low, up_high), (first_low, first_high), (down_low, down_high) = EXPECTED[job]
+    for (round_num, site, direction), size in sizes.items():
+        ratio = float32_run[(round_num, site, direction)] / size
+        if direction == "site_to_server":
+            low, high = up_low, up_high
+        else:
+            low, high = (first_low, first_high) if round_num == 0 else (down_low, down_high)
+        assert low <= ratio <= high, f"{job} round {round_num} {site} {direction}: {ratio:.2f}x not in [{low}, {high}]"
+
+    received = contributions(workspace)
+    assert {(c["round"], c["site"]) for c in received} == {(r, s) for r in (0, 1) for s in SITES}
+    assert all(c["data_kind"] == "WEIGHT_DIFF" for c in received), "the server aggregates restored differences"
+    for c in received:
+        assert math.isfinite(c["site_metrics"]["local_val_mean_dice"])
+    server_run = workspace / "server" / "simulate_job"
+    events = list((server_run / "tb_events").rglob("events.out.tfevents*"))
+    assert any(e.parent.name not in SITES for e in events), "the server wrote its byte counts to TensorBoard"
