@@ -12,7 +12,7 @@ LOCAL_EPOCHS ?= 4
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install data jobs sim poc test test-unit test-e2e test-poc lint format clean
+.PHONY: help install data jobs sim poc test test-unit test-e2e test-poc lint format clean bench-compression
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ lint: install ## ruff check and format check
 
 format: install ## apply ruff formatting and safe fixes
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
+
+bench-compression: install ## Dice vs bytes per scheme (simulator, ~20 min on 2 cores): docs/compression_benchmark.md
+	$(PY) benchmarks/compression.py --workspace $(WORKSPACE)/bench_compression
 
 clean: ## remove generated data, builds and workspaces (not the virtualenv)
 	rm -rf build $(WORKSPACE) $(DATA)
