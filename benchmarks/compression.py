@@ -121,21 +121,18 @@ def summarise(workspace: Path) -> dict:
     if matrix_path.is_file():
         matrix = json.loads(matrix_path.read_text())
         final = statistics.mean(matrix[s]["SRV_FL_global_model.pt"]["val_mean_dice"] for s in matrix)
-    up_total = sum(e["bytes"] for e in sizes if e["direction"] == "site_to_server")
-    down_total = sum(e["bytes"] for e in sizes if e["direction"] == "server_to_site")
-    return {
-        "per_round": per_round,
-        "final_global_dice": final,
-        "up_bytes_total": up_total,
-        "down_bytes_total": down_total,
-    }
+    totals = {}
+    for field in ("bytes", "streamed_bytes"):
+        for direction, short in (("site_to_server", "up"), ("server_to_site", "down")):
+            totals[f"{short}_{field}_total"] = sum(e[field] for e in sizes if e["direction"] == direction)
+    return {"per_round": per_round, "final_global_dice": final, **totals}
 
 
 def render(results: dict, meta: dict) -> str:
     fp32 = [results[k] for k in results if k.startswith("fp32")]
-    base_up = statistics.mean(r["up_bytes_total"] for r in fp32)
-    base_down = statistics.mean(r["down_bytes_total"] for r in fp32)
+    base = {k: statistics.mean(r[k] for r in fp32) for k in fp32[0] if k.endswith("_total")}
     base_dice = statistics.mean(r["final_global_dice"] for r in fp32)
+    spread = max(r["final_global_dice"] for r in fp32) - min(r["final_global_dice"] for r in fp32)
     lines = [
         "# Compression benchmark: Dice against bytes on the wire",
         "",
@@ -147,10 +144,14 @@ def render(results: dict, meta: dict) -> str:
         f"{meta['rounds']} rounds of {meta['local_steps']} local steps, FLARE simulator, same seeds for every "
         "variant. Bytes: `train` messages only, as serialised (server's `fedseg3d/message_sizes.jsonl`), summed over "
         "rounds and sites; ratios against the mean of the float32 runs. Dice: final global model, cross-site "
-        "evaluation, mean over sites (each with its own batch norm); delta against the float32 mean.",
+        "evaluation, mean over sites (each with its own batch norm); delta against the float32 mean. "
+        f"Run-to-run spread of the float32 runs' final Dice (max - min over {len(fp32)} runs): {spread:.4f}. "
+        "`streamed x`: the same ratio for the bytes FLARE moves through its download service between real "
+        "processes (one npz item per array, see `fedseg3d.filters.message_size`).",
         "",
-        "| variant | up bytes | up x | down bytes | down x | down x after round 0 | final Dice | Dice - fp32 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| variant | up bytes | up x | up streamed x | down bytes | down x | down streamed x "
+        "| down x after round 0 | final Dice | Dice - fp32 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in results.items():
         later = [p for p in r["per_round"] if p["round"] > 0 and p["down_bytes"]]
@@ -161,10 +162,11 @@ def render(results: dict, meta: dict) -> str:
             else "-"
         )
         dice = r["final_global_dice"]
+        x = {k: base[k] / max(r[k], 1) for k in base}
         lines.append(
-            f"| {name} | {r['up_bytes_total']:,} | {base_up / max(r['up_bytes_total'], 1):.2f} | "
-            f"{r['down_bytes_total']:,} | {base_down / max(r['down_bytes_total'], 1):.2f} | {down_later} | "
-            f"{dice:.4f} | {dice - base_dice:+.4f} |"
+            f"| {name} | {r['up_bytes_total']:,} | {x['up_bytes_total']:.2f} | {x['up_streamed_bytes_total']:.2f} | "
+            f"{r['down_bytes_total']:,} | {x['down_bytes_total']:.2f} | {x['down_streamed_bytes_total']:.2f} | "
+            f"{down_later} | {dice:.4f} | {dice - base_dice:+.4f} |"
         )
     lines += ["", "Per round (mean over sites): bytes up / down, Dice of the global model the sites received.", ""]
     lines += ["| variant | round | up bytes | down bytes | global Dice |", "| --- | ---: | ---: | ---: | ---: |"]

@@ -10,9 +10,11 @@ server, one file in the server's run folder (downloaded with the job's results) 
 ``tb_tag`` streams each message's size to the server's TensorBoard (``TBAnalyticsReceiver``) as
 ``<tb_tag>/<direction>/<site>`` at step = round.
 
-``fobs.dumps`` without a messaging cell serialises arrays inline (``np.save`` bytes). On the real wire FLARE 2.9
-streams arrays through its download service in per-array ``npz`` chunks: slightly more framing per array, the same
-array bytes.
+``fobs.dumps`` without a messaging cell serialises arrays inline (``np.save`` bytes): that is ``bytes``. Between
+real FLARE 2.9 processes (simulator and POC alike) the numpy decomposer instead leaves a reference in the message and
+the receiver downloads each array as its own ``npz`` item (``ArrayDownloadable.produce_item``): ``streamed_bytes``
+is that figure, computed with FLARE's own classes (body minus inline arrays plus one ``npz`` item per array). It has
+more framing per array (a zip entry), which costs the quantised messages proportionally more.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from nvflare.apis.shareable import Shareable
 from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.decomposers import numpy_decomposers
+from nvflare.app_common.np.np_downloader import ArrayDownloadable
 from nvflare.fuel.utils import fobs
 
 from fedseg3d.filters.quantize_filter import QUANT_META_KEY
@@ -46,6 +49,31 @@ def message_nbytes(shareable: Shareable) -> int:
     """Bytes of ``shareable`` serialised by FOBS, as FLARE encodes a message body."""
     numpy_decomposers.register()  # already done in a FLARE process; needed in tests and scripts (idempotent)
     return len(fobs.dumps(shareable))
+
+
+def _arrays_in(node: Any, out: list[np.ndarray]) -> list[np.ndarray]:
+    if isinstance(node, np.ndarray):
+        out.append(node)
+    elif isinstance(node, dict):
+        for value in node.values():
+            _arrays_in(value, out)
+    elif isinstance(node, list | tuple):
+        for value in node:
+            _arrays_in(value, out)
+    return out
+
+
+def streamed_nbytes(shareable: Shareable) -> int:
+    """Bytes of ``shareable`` when FLARE streams its arrays through the download service (between real processes).
+
+    The message body keeps a short reference per array instead of the array (the difference is a few bytes per
+    array and not counted), and each array travels as the ``npz`` item FLARE's ``ArrayDownloadable`` produces.
+    """
+    arrays = _arrays_in(shareable, [])
+    decomposer = numpy_decomposers.NumpyArrayDecomposer()
+    inline_arrays = sum(len(decomposer.native_decompose(a)) for a in arrays)
+    items = ArrayDownloadable({f"a{i}": a for i, a in enumerate(arrays)}, 2 * 1024 * 1024)
+    return message_nbytes(shareable) - inline_arrays + sum(len(items.produce_item(i)) for i in range(len(arrays)))
 
 
 def raw_float32_nbytes(shareable: Shareable) -> int | None:
@@ -111,6 +139,7 @@ class MessageSizeRecorder(Filter):
             "direction": self.direction,
             "side": self.side,
             "bytes": message_nbytes(shareable),
+            "streamed_bytes": streamed_nbytes(shareable),
             "raw_float32_bytes": raw_float32_nbytes(shareable),
             "time": time.time(),
         }
