@@ -19,23 +19,28 @@ pytestmark = pytest.mark.e2e
 
 # (uplink low, uplink high), (first downlink low, high), (later downlink low, high): int8 is 4x on array bytes,
 # less per-tensor framing; top-k 10% with int8 values and error feedback clears 8x once the site holds a copy.
+# The DP + int8 job stands for the int8 job (same quantisers) and also proves the filter order: were the update
+# quantised before the DP filter, that filter would refuse the encoded DXO and the site would fail its rounds.
 EXPECTED = {
-    "unet3d_fedbn_int8": ((3.3, 4.0), (3.0, 4.0), (3.3, 4.3)),
+    "unet3d_fedbn_dp_int8": ((3.3, 4.0), (3.0, 4.0), (3.3, 4.3)),
     "unet3d_fedbn_topk": ((8.0, 16.0), (3.0, 4.0), (8.0, 20.0)),
 }
 
 
-def message_sizes(workspace: Path) -> dict[tuple[int, str, str], int]:
+def message_sizes(workspace: Path) -> dict[tuple[int, str, str, str], int]:
+    """(round, site, direction, field) -> bytes, for the inline (``bytes``) and streamed (``streamed_bytes``) sizes."""
     path = workspace / "server" / "simulate_job" / "fedseg3d" / "message_sizes.jsonl"
     entries = [json.loads(line) for line in path.read_text().splitlines()]
     train = [e for e in entries if e["task"] == "train"]
-    sizes = {(e["round"], e["site"], e["direction"]): e["bytes"] for e in train}
-    assert len(sizes) == len(train) == 2 * len(SITES) * 2, f"one record per round, site and direction: {train}"
+    sizes = {
+        (e["round"], e["site"], e["direction"], field): e[field] for e in train for field in ("bytes", "streamed_bytes")
+    }
+    assert len(train) == 2 * len(SITES) * 2 and len(sizes) == 2 * len(train), f"one per round, site, direction: {train}"
     return sizes
 
 
 @pytest.fixture(scope="module")
-def float32_run(tiny_sites, tmp_path_factory) -> dict[tuple[int, str, str], int]:
+def float32_run(tiny_sites, tmp_path_factory) -> dict[tuple[int, str, str, str], int]:
     return message_sizes(simulate("unet3d_fedbn", tiny_sites, tmp_path_factory.mktemp("fp32")))
 
 
@@ -45,19 +50,24 @@ def test_quantised_job_shrinks_both_directions_and_still_trains(job, float32_run
     sizes = message_sizes(workspace)
     assert set(sizes) == set(float32_run)
     (up_low, up_high), (first_low, first_high), (down_low, down_high) = EXPECTED[job]
-    for (round_num, site, direction), size in sizes.items():
-        ratio = float32_run[(round_num, site, direction)] / size
+    for (round_num, site, direction, field), size in sizes.items():
+        ratio = float32_run[(round_num, site, direction, field)] / size
         if direction == "site_to_server":
             low, high = up_low, up_high
         else:
             low, high = (first_low, first_high) if round_num == 0 else (down_low, down_high)
-        assert low <= ratio <= high, f"{job} round {round_num} {site} {direction}: {ratio:.2f}x not in [{low}, {high}]"
+        assert low <= ratio <= high, (
+            f"{job} round {round_num} {site} {direction} {field}: {ratio:.2f}x not in [{low}, {high}]"
+        )
 
     received = contributions(workspace)
     assert {(c["round"], c["site"]) for c in received} == {(r, s) for r in (0, 1) for s in SITES}
     assert all(c["data_kind"] == "WEIGHT_DIFF" for c in received), "the server aggregates restored differences"
     for c in received:
         assert math.isfinite(c["site_metrics"]["local_val_mean_dice"])
+    if "_dp_" in job:
+        for site in SITES:
+            assert "DP update released" in (workspace / site / "log.txt").read_text()
     server_run = workspace / "server" / "simulate_job"
     events = list((server_run / "tb_events").rglob("events.out.tfevents*"))
     assert any(e.parent.name not in SITES for e in events), "the server wrote its byte counts to TensorBoard"

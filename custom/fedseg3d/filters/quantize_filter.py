@@ -5,10 +5,13 @@ these use the pure-numpy codecs in :mod:`fedseg3d.filters.codecs` and let non-fl
 
 Where they go in a job (filters run in the order listed)::
 
-    site   task_result_filters   [..., DP, QuantizeFilter(scheme=...), MessageSizeRecorder("site_to_server")]
-    server task_result_filters   [DequantizeFilter(), ...]
-    server task_data_filters     [QuantizeFilter(scheme="int8"), MessageSizeRecorder("server_to_site")]
-    site   task_data_filters     [DequantizeFilter(), ...]
+    site   task_result_filters   [..., DP, QuantizeFilter(scheme=...)]
+    server task_result_filters   [MessageSizeRecorder("site_to_server", side="receiver"), DequantizeFilter(), ...]
+    server task_data_filters     [GlobalModelDeltaEncoder(scheme=...), MessageSizeRecorder("server_to_site")]
+    site   task_data_filters     [DequantizeFilter(), GlobalModelDeltaDecoder()]
+
+(the downlink pair lives in :mod:`fedseg3d.filters.downlink_delta`; the jobs ``unet3d_fedbn_int8``/``_int4``/
+``_topk``/``_dp_int8`` wire all of it for the ``train`` task).
 
 On the wire the DXO's kind is ``APP_DEFINED`` and the original kind is kept in the meta, so nothing downstream takes
 encoded containers for weights: a weight-diff filter misplaced after the quantiser (fedseg3d's ``GaussianDPFilter``)
@@ -20,8 +23,8 @@ model), they build a new one.
 Measured on a ~300k-parameter update (MONAI UNet (8, 16, 32, 64), two residual units, 49 shared tensors; and a
 60-tensor synthetic one), as FOBS bytes against the float32 message's FOBS bytes, per-tensor framing included:
 fp16 1.96x, int8 3.75x, int4 6.7x (block 64) to 7.0x (block 256), top-k 13.3x at 10%, 16x at 5%, 31x at 1%. Only
-top-k clears 8x: 4 bits a value *is* 8x before scales and framing, so no 4-bit scheme can. For full ``WEIGHTS`` (the
-server's global model, where top-k does not apply) int8 is the recommended downlink scheme.
+top-k clears 8x: 4 bits a value *is* 8x before scales and framing, so no 4-bit scheme can. Full ``WEIGHTS`` (the
+server's global model) do not take top-k; the downlink therefore sends differences (``downlink_delta``).
 """
 
 from __future__ import annotations

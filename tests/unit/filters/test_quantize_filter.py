@@ -21,7 +21,7 @@ from nvflare.app_common.decomposers import numpy_decomposers
 from nvflare.fuel.utils import fobs
 
 from fedseg3d.filters import codecs
-from fedseg3d.filters.message_size import MessageSizeRecorder, message_nbytes
+from fedseg3d.filters.message_size import MessageSizeRecorder, message_nbytes, streamed_nbytes
 from fedseg3d.filters.quantize_filter import QUANT_META_KEY, DequantizeFilter, QuantizeFilter
 
 SCHEMES = ["fp16", "int8", "int4", "topk"]
@@ -338,3 +338,23 @@ def test_recorder_on_the_receiving_server_names_the_sender_round_task_and_stream
     assert event_type == "analytix_log_stats"
     assert analytic["track_key"] == "message_bytes/site_to_server/site-2"
     assert analytic["track_value"] == entry["bytes"] and analytic["global_step"] == 7
+
+
+def test_streamed_size_swaps_inline_arrays_for_one_npz_item_each():
+    import io
+
+    plain = Shareable()
+    plain.set_header("note", "no arrays")
+    assert streamed_nbytes(plain) == message_nbytes(plain)
+
+    update = _update()
+    quantised = QuantizeFilter(scheme="int8").process(_shareable(update), FLContext())
+    arrays = [v["payload"] if isinstance(v, dict) else v for v in from_shareable(quantised).data.values()]
+    extra = 0
+    for i, array in enumerate(arrays):
+        npy, npz = io.BytesIO(), io.BytesIO()
+        np.save(npy, array, allow_pickle=False)
+        np.savez(npz, allow_pickle=False, **{f"a{i}": array})
+        extra += len(npz.getvalue()) - len(npy.getvalue())
+    assert extra > 0
+    assert streamed_nbytes(quantised) == message_nbytes(quantised) + extra
