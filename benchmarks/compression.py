@@ -57,6 +57,9 @@ VARIANTS = {
     "int4": ("unet3d_fedbn_int4", {}),
     "topk": ("unet3d_fedbn_topk", {}),
     "topk20": ("unet3d_fedbn_topk", {"uplink_topk_fraction": 0.2, "downlink_topk_fraction": 0.2}),
+    # Which direction costs top-k its Dice: top-k one way, int8 the other.
+    "topk_up_int8_down": ("unet3d_fedbn_topk", {"downlink_scheme": "int8"}),
+    "int8_up_topk_down": ("unet3d_fedbn_topk", {"uplink_scheme": "int8"}),
 }
 NVFLARE_Q = "nvflare.app_opt.pt.quantization.quantizer.ModelQuantizer"
 NVFLARE_DQ = "nvflare.app_opt.pt.quantization.dequantizer.ModelDequantizer"
