@@ -39,6 +39,7 @@ import numpy as np
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.dxo_filter import DXOFilter
 from nvflare.apis.filter import Filter
+from nvflare.apis.fl_component import FLComponent
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
@@ -75,9 +76,12 @@ class GlobalModelDeltaEncoder(DXOFilter):
         topk_fraction: share of each tensor's entries sent by ``topk``.
         full_scheme: codec for a full model (first message to a site): ``fp16``, ``int8`` or ``int4``.
         seed: seeds the stochastic rounding, mixed with the site name.
+        gap_store_id: id of a :class:`SiteGapStore` component: when set, the encoder records each site's gap
+            (global model sent minus the site's reconstruction) there, for :class:`RebaseOnSiteCopy`.
 
     Raises:
-        ValueError: an invalid argument; at run time, no peer site in the context, a non-array or non-finite value.
+        ValueError: an invalid argument; at run time, no peer site in the context, a non-array or non-finite value,
+            or a ``gap_store_id`` that names no ``SiteGapStore``.
     """
 
     def __init__(
@@ -87,8 +91,12 @@ class GlobalModelDeltaEncoder(DXOFilter):
         topk_fraction: float = 0.1,
         full_scheme: str = "int8",
         seed: int = 0,
+        gap_store_id: str = "",
     ) -> None:
         super().__init__(supported_data_kinds=[DataKind.WEIGHTS], data_kinds_to_filter=[DataKind.WEIGHTS])
+        if not isinstance(gap_store_id, str):
+            raise ValueError(f"GlobalModelDeltaEncoder: gap_store_id must be a string, got {gap_store_id!r}")
+        self.gap_store_id = gap_store_id
         self.scheme = _check_scheme("scheme", scheme, codecs.SCHEMES)
         self.full_scheme = _check_scheme("full_scheme", full_scheme, ("fp16", "int8", "int4"))
         if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)):
@@ -158,8 +166,14 @@ class GlobalModelDeltaEncoder(DXOFilter):
                 "base_crc": fingerprint(ref) if compatible else None,
                 "crc": fingerprint(new_ref),
             }
+            gaps = None
+            if self.gap_store_id:
+                store = _gap_store(fl_ctx, self.gap_store_id, "GlobalModelDeltaEncoder")
+                gaps = {k: v.astype(np.float32) - new_ref[k] for k, v in weights.items() if v.dtype.kind == "f"}
             # Commit only once everything encoded: a failure leaves the site's state as it was (FLARE retries later).
             self._refs[site], self._seq[site] = new_ref, seq
+        if gaps is not None:
+            store.put(site, gaps)
         meta = _meta_without(dxo.meta)
         meta[QUANT_META_KEY] = {
             "scheme": scheme,
@@ -257,3 +271,72 @@ def _arrays(data: Any, who: str) -> dict[str, np.ndarray]:
         if not isinstance(value, np.ndarray):
             raise ValueError(f"{who}: '{key}' is a {type(value).__name__}, expected a numpy array")
     return dict(data)
+
+
+class SiteGapStore(FLComponent):
+    """Server component shared by the two filters below: per site, the gap between the global model it was sent and
+    the copy it rebuilt (``global - reconstruction``), as of its latest task.
+
+    Why it is needed: a site trains from its reconstruction and reports ``local - reconstruction``, while FedAvg adds
+    the reported difference to the *true* global model. With a lossy downlink (top-k above all) the site's training
+    partly re-learns the gap, FedAvg adds that on top of a global that already had it, and the model drifts: in the
+    benchmark, top-k on the downlink alone cost about 0.45 Dice, top-k on the uplink alone none. Subtracting the
+    gap from the site's difference turns it into ``local - global``, so FedAvg averages the models the sites
+    actually trained, exactly as without compression.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._gaps: dict[str, dict[str, np.ndarray]] = {}
+
+    def put(self, site: str, gaps: dict[str, np.ndarray]) -> None:
+        with self._lock:
+            self._gaps[site] = gaps
+
+    def get(self, site: str) -> dict[str, np.ndarray] | None:
+        with self._lock:
+            return self._gaps.get(site)
+
+
+class RebaseOnSiteCopy(DXOFilter):
+    """Server ``task_result_filters`` (``train``), after ``DequantizeFilter``: ``local - reconstruction`` becomes
+    ``local - global`` by subtracting the site's recorded gap (see :class:`SiteGapStore`).
+
+    Args:
+        gap_store_id: id of the ``SiteGapStore`` component the ``GlobalModelDeltaEncoder`` writes to.
+
+    Raises:
+        ValueError: (from ``process``) no gap recorded for the site (its task did not go through the encoder),
+            a key or shape the gap does not have.
+    """
+
+    def __init__(self, gap_store_id: str = "downlink_gaps") -> None:
+        super().__init__(supported_data_kinds=[DataKind.WEIGHT_DIFF], data_kinds_to_filter=[DataKind.WEIGHT_DIFF])
+        if not isinstance(gap_store_id, str) or not gap_store_id:
+            raise ValueError(f"RebaseOnSiteCopy: gap_store_id must be a non-empty string, got {gap_store_id!r}")
+        self.gap_store_id = gap_store_id
+
+    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
+        peer = fl_ctx.get_peer_context()
+        site = peer.get_identity_name() if peer is not None else ""
+        gaps = _gap_store(fl_ctx, self.gap_store_id, "RebaseOnSiteCopy").get(site)
+        if gaps is None:
+            raise ValueError(f"RebaseOnSiteCopy: no downlink gap recorded for site {site!r}")
+        data = {}
+        for key, value in _arrays(dxo.data, "RebaseOnSiteCopy").items():
+            if value.dtype.kind != "f":
+                data[key] = value
+                continue
+            if key not in gaps or gaps[key].shape != value.shape:
+                raise ValueError(f"RebaseOnSiteCopy: {site} sent '{key}' {value.shape}, which its downlink gap lacks")
+            data[key] = (value.astype(np.float32) - gaps[key]).astype(value.dtype)
+        return DXO(data_kind=dxo.data_kind, data=data, meta=_meta_without(dxo.meta))
+
+
+def _gap_store(fl_ctx: FLContext, store_id: str, who: str) -> SiteGapStore:
+    engine = fl_ctx.get_engine()
+    store = engine.get_component(store_id) if engine is not None else None
+    if not isinstance(store, SiteGapStore):
+        raise ValueError(f"{who}: component '{store_id}' is not a SiteGapStore (add it to the server's components)")
+    return store

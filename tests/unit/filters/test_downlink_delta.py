@@ -19,6 +19,8 @@ from fedseg3d.filters.downlink_delta import (
     DELTA_META_KEY,
     GlobalModelDeltaDecoder,
     GlobalModelDeltaEncoder,
+    RebaseOnSiteCopy,
+    SiteGapStore,
     fingerprint,
 )
 from fedseg3d.filters.quantize_filter import DequantizeFilter
@@ -181,3 +183,47 @@ def test_encoder_needs_the_requesting_site_and_valid_arguments():
         GlobalModelDeltaEncoder(scheme="int2")
     with pytest.raises(ValueError, match="topk_fraction"):
         GlobalModelDeltaEncoder(topk_fraction=0)
+
+
+class _Engine:
+    def __init__(self, components: dict) -> None:
+        self.components = components
+
+    def get_component(self, component_id: str):
+        return self.components.get(component_id)
+
+
+def _with_engine(fl_ctx: FLContext, engine: _Engine) -> FLContext:
+    fl_ctx.set_prop(ReservedKey.ENGINE, engine, private=True, sticky=False)
+    return fl_ctx
+
+
+def test_rebase_turns_the_sites_difference_into_local_minus_global():
+    """Site trains from its lossy copy; after the rebase, FedAvg adds exactly ``local - global``."""
+    store = SiteGapStore()
+    engine = _Engine({"downlink_gaps": store})
+    encoder = GlobalModelDeltaEncoder(scheme="topk", topk_fraction=0.1, gap_store_id="downlink_gaps")
+    link, rng, model = Link(encoder, "site-1"), np.random.default_rng(7), _model()
+    link.encoder.process = lambda s, ctx, f=encoder.process: f(s, _with_engine(ctx, engine))
+    link.send(model)
+    model = _step(model, rng, scale=1e-2)
+    copy = link.send(model)  # lossy: top-k of a dense change
+    assert _gap(model, copy) > 1e-3
+    local = {k: (v + 0.01 if v.dtype.kind == "f" else v) for k, v in copy.items() if k.startswith("conv")}
+    site_diff = {k: local[k] - copy[k] for k in local}
+    result = DXO(data_kind=DataKind.WEIGHT_DIFF, data=site_diff).to_shareable()
+    rebased = from_shareable(
+        RebaseOnSiteCopy("downlink_gaps").process(result, _with_engine(_ctx("server", peer="site-1"), engine))
+    ).data
+    for key in local:
+        np.testing.assert_allclose(rebased[key], local[key] - model[key], atol=1e-6)
+
+
+def test_rebase_fails_closed_without_a_recorded_gap_or_store():
+    result = DXO(data_kind=DataKind.WEIGHT_DIFF, data={"conv.bias": np.zeros(16, np.float32)}).to_shareable()
+    with pytest.raises(ValueError, match="no downlink gap recorded for site 'site-9'"):
+        RebaseOnSiteCopy("gaps").process(
+            result, _with_engine(_ctx("server", peer="site-9"), _Engine({"gaps": SiteGapStore()}))
+        )
+    with pytest.raises(ValueError, match="not a SiteGapStore"):
+        RebaseOnSiteCopy("gaps").process(result, _with_engine(_ctx("server", peer="site-9"), _Engine({})))
