@@ -25,6 +25,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -218,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
             results[run] = {**summarise(workspace), "seconds": None}
             continue
         job_dir = build_variant(name, args.workspace / "jobs" / run.replace("#", "_"), args.rounds, args.local_steps)
+        shutil.rmtree(workspace, ignore_errors=True)  # the recorders append: a stale run would add its lines
         t0 = time.time()
         print(f"{run}: simulating {job_dir.name} ...", flush=True)
         code = run_simulation(job_dir, workspace, data, SITES, timeout=args.timeout)
