@@ -10,9 +10,15 @@ JOB ?= unet3d_fedbn
 ROUNDS ?= 20
 LOCAL_EPOCHS ?= 4
 PYTEST_ARGS ?=
+PROVISION ?= build/provision
+DEPLOY_WORKSPACE ?= build/deploy-local
+DEPLOY_ROUNDS ?= 2
+DEPLOY_PORT ?=
+SITE ?=
+ORG ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install data jobs sim poc test test-unit test-e2e test-poc lint format clean
+.PHONY: help install data jobs sim poc test test-unit test-e2e test-poc lint format clean provision add-site deploy-local test-deploy
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -46,6 +52,19 @@ test: install ## the test command: unit tests, simulator end-to-end runs and one
 
 test-unit: install ## unit tests only (seconds)
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+provision: install ## signed mTLS startup kits for provisioning/project.yml in PROVISION, site policies in local/
+	$(PY) -m deploy.kits provision --workspace $(PROVISION)
+
+add-site: install ## one more hospital with the existing root CA: make add-site SITE=site-5 ORG=hospital_e
+	$(PY) -m deploy.kits add-site --name $(SITE) --org $(ORG) --workspace $(PROVISION)
+
+deploy-local: data ## provisioned kits on localhost: server + SITES sites, JOB submitted via the admin API (DEPLOY_ROUNDS)
+	$(PY) -m deploy.local --sites $(SITES) --data $(DATA) --workspace $(DEPLOY_WORKSPACE) --job $(JOB) \
+		--set num_rounds=$(DEPLOY_ROUNDS) --set local_epochs=$(LOCAL_EPOCHS) $(if $(DEPLOY_PORT),--port $(DEPLOY_PORT))
+
+test-deploy: install ## provisioned-kit deployment and security tests on a free port (about a minute)
+	$(PY) -m pytest -q tests/deploy $(PYTEST_ARGS)
 
 lint: install ## ruff check and format check
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -20,6 +20,7 @@ Steps, each its own function so tests and the Makefile can use them one by one:
 Usage:
     python -m deploy.kits provision [--project provisioning/project.yml] [--workspace build/provision]
     python -m deploy.kits add-site --name site-5 --org hospital_e [--workspace build/provision]
+    python -m deploy.kits renew --name site-1 [--workspace build/provision]
     python -m deploy.kits cert-info KIT_DIR
 """
 
@@ -173,11 +174,40 @@ def add_site(name: str, org: str, project_file: Path = PROJECT_FILE, workspace: 
     return prod_dir / name
 
 
+def renew(name: str, project_file: Path = PROJECT_FILE, workspace: Path = REPO / "build" / "provision") -> Path:
+    """Re-issue one participant's certificate (same root CA) into a new ``prod_NN``; returns its new kit folder.
+
+    FLARE reuses every certificate kept in ``state/cert.json``; dropping one participant's entry makes the next
+    ``nvflare provision`` issue that participant a fresh key and certificate (360 days, never beyond the root CA's
+    expiry) while everyone else keeps theirs. The renewed kit gets this project's policies, like a new one.
+    """
+    project = load_project(project_file)
+    if not any(p["name"] == name for p in project["participants"]):
+        raise ValueError(f"{project_file}: no participant named '{name}'")
+    workspace = Path(workspace).resolve()
+    state_file = workspace / project["name"] / "state" / "cert.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{state_file} not found: provision the project in {workspace} first")
+    state = json.loads(state_file.read_text())
+    state.pop(name, None)
+    state_file.write_text(json.dumps(state))
+    prod_dir = run_provision(project_file, workspace)
+    sign_startup_kits(prod_dir, [name])
+    kinds = {p["name"]: p["type"] for p in project["participants"]}
+    if kinds[name] in ("client", "server"):
+        only = [name] if kinds[name] == "client" else []
+        install_site_policies(prod_dir, project, sites=only)
+    return prod_dir / name
+
+
 def cert_info(kit: Path) -> dict:
     """Subject, issuer, serial and validity of a kit's own certificate: for checking lifetime and renewal."""
     from cryptography import x509
 
-    crt = next(p for name in ("server.crt", "client.crt") if (p := Path(kit) / "startup" / name).is_file())
+    found = [p for name in ("server.crt", "client.crt") if (p := Path(kit) / "startup" / name).is_file()]
+    if not found:
+        raise FileNotFoundError(f"{Path(kit) / 'startup'}: no server.crt or client.crt: is {kit} a startup kit?")
+    crt = found[0]
     cert = x509.load_pem_x509_certificate(crt.read_bytes())
     not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
     return {
@@ -202,6 +232,10 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--workspace", type=Path, default=REPO / "build" / "provision")
     add.add_argument("--name", required=True)
     add.add_argument("--org", required=True)
+    ren = sub.add_parser("renew", help="re-issue one participant's certificate with the existing root CA")
+    ren.add_argument("--project", type=Path, default=PROJECT_FILE)
+    ren.add_argument("--workspace", type=Path, default=REPO / "build" / "provision")
+    ren.add_argument("--name", required=True)
     info = sub.add_parser("cert-info", help="print a kit's certificate validity")
     info.add_argument("kit", type=Path)
     args = parser.parse_args(argv)
@@ -213,6 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "add-site":
         kit = add_site(args.name, args.org, args.project, args.workspace)
         print(f"new site kit: {kit} (hand out only this folder; the other kits are unchanged)")
+    elif args.command == "renew":
+        kit = renew(args.name, args.project, args.workspace)
+        print(f"renewed kit: {kit} ({cert_info(kit)['not_after']}); hand out only this folder")
     else:
         print(json.dumps(cert_info(args.kit), indent=2))
 

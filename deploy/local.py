@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -248,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from fedseg3d.tools.build_jobs import parse_override
+    from fedseg3d.tools.report import report
 
     workspace = args.workspace.resolve()
     project_file = kits.PROJECT_FILE
@@ -255,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         project_file = project_copy(kits.PROJECT_FILE, workspace / "project.yml", port=args.port)
     project = kits.load_project(project_file)
     sites = [p["name"] for p in kits.participants(project, "client")][: args.sites]
+    # A demo workspace: start from fresh kits (and empty privacy ledgers) every run.
+    shutil.rmtree(workspace / "provision", ignore_errors=True)
     log(f"provisioning {project_file} into {workspace / 'provision'}")
     prod_dir = kits.provision(project_file, workspace / "provision")
     prepare_sites(prod_dir, sites, args.data)
@@ -281,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = session.download_job_result(job_id, str(workspace / "results"))
                 log(f"results downloaded to {result}")
                 print(audit_table(Path(result)))
+                print(report(Path(result)))
         finally:
             session.close()
     except KeyboardInterrupt:
