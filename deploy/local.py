@@ -15,6 +15,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import yaml
 
 from deploy import kits
@@ -41,6 +43,19 @@ def log(message: str) -> None:
 def port_in_use(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def processes_using(path: Path) -> list[psutil.Process]:
+    """Processes whose command line mentions ``path`` (participants and their job processes use their kit path)."""
+    marker, found = str(Path(path).resolve()), []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            parts = proc.info["cmdline"] or []
+            if proc.pid != os.getpid() and any(marker + os.sep in p or p.endswith(marker) for p in parts):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
 
 
 def free_port() -> int:
@@ -141,24 +156,32 @@ class LocalDeployment:
             time.sleep(1)
 
     def stop(self, name: str, grace: float = 10) -> None:
-        """Stop one participant and its job processes (its process group): SIGTERM, then SIGKILL after ``grace``."""
+        """Stop one participant and every process it started: SIGTERM, then SIGKILL after ``grace``.
+
+        Job processes may run in a session of their own (FLARE's launcher can detach them), so they are found as
+        descendants of the participant's process, by PID, before anything is signalled.
+        """
         process = self.processes.pop(name, None)
         if process is None:
             return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                process.wait(timeout=grace)
-                # Job processes may outlive the parent briefly; kill the rest of the group.
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-            break
+        try:
+            family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            family = []
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        for member in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.terminate()
+        _, alive = psutil.wait_procs(family, timeout=grace)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        for member in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.kill()
+        psutil.wait_procs(alive, timeout=grace)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=grace)  # reap it
 
     def stop_all(self, timeout: float = 30) -> None:
         for name in [n for n in self.processes if n != "server"] + (["server"] if "server" in self.processes else []):

@@ -23,6 +23,7 @@ from deploy.local import (
     port_in_use,
     prepare_job,
     prepare_sites,
+    processes_using,
     project_copy,
     wait_for_job,
 )
@@ -69,6 +70,7 @@ def fed(tiny_sites, tmp_path_factory):
             session.close()
         deployment.stop_all()
     assert not port_in_use(port)
+    assert not processes_using(root), "processes of the deployment left running"
 
 
 def test_admin_runs_a_job_without_custom_code_and_the_site_dp_scope_protects_every_update(fed):
