@@ -209,16 +209,19 @@ def cert_info(kit: Path) -> dict:
         raise FileNotFoundError(f"{Path(kit) / 'startup'}: no server.crt or client.crt: is {kit} a startup kit?")
     crt = found[0]
     cert = x509.load_pem_x509_certificate(crt.read_bytes())
-    not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
+    root = x509.load_pem_x509_certificate((crt.parent / "rootCA.pem").read_bytes())
+    day = 86400.0
     return {
         "file": str(crt),
         "subject": cert.subject.rfc4514_string(),
         "issuer": cert.issuer.rfc4514_string(),
         "serial": cert.serial_number,
-        "not_before": not_before.isoformat(),
-        "not_after": not_after.isoformat(),
-        "lifetime_days": (not_after - not_before).days,
-        "days_left": (not_after - datetime.now(UTC)).days,
+        "not_before": cert.not_valid_before_utc.isoformat(),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+        "lifetime_days": round((cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds() / day, 2),
+        "days_left": round((cert.not_valid_after_utc - datetime.now(UTC)).total_seconds() / day, 2),
+        "root_ca_not_after": root.not_valid_after_utc.isoformat(),
+        "root_ca_lifetime_days": round((root.not_valid_after_utc - root.not_valid_before_utc).total_seconds() / day, 2),
     }
 
 

@@ -195,8 +195,9 @@ def test_a_new_hospital_joins_the_running_project_without_reissuing_other_kits(f
     assert info["issuer"] == before["site-1"]["issuer"]
     # FLARE's default lifetime is 360 days, and no certificate outlives the root CA: a site added later expires
     # together with everyone else (renewal means a new root and new kits for all; see docs/deployment.md).
-    assert before["site-1"]["lifetime_days"] == 360
-    assert info["not_after"] == before["site-1"]["not_after"]
+    assert before["site-1"]["root_ca_lifetime_days"] == 360
+    assert before["site-1"]["not_after"] == before["site-1"]["root_ca_not_after"]
+    assert info["not_after"] == before["site-1"]["root_ca_not_after"]
     assert (site_kit / "local" / "privacy.json").is_file()
     assert (site_kit / "startup" / "signature.json").is_file()
     kits.write_site_data_config(site_kit, fed.data / "site-1")
@@ -205,3 +206,22 @@ def test_a_new_hospital_joins_the_running_project_without_reissuing_other_kits(f
         fed.deployment.wait_for_sites(fed.session, ["site-5"], timeout=60)
     finally:
         fed.deployment.stop("site-5")
+
+
+def test_admin_locks_out_a_site_whose_kit_leaked(fed):
+    # FLARE 2.9 has no certificate revocation list; the server-side switch is disable_client (by site name).
+    kit = fed.prod_dir / "site-3"
+    fed.deployment.start("site-3")
+    try:
+        fed.deployment.wait_for_sites(fed.session, ["site-3"], timeout=60)
+        reply = fed.session.disable_client("site-3")
+        assert reply["clients"][0]["state"] == "disabled"
+        assert "site-3" not in fed.deployment.connected_sites(fed.session)
+        fed.deployment.stop("site-3")
+        fed.deployment.start("site-3")  # the same, still valid, kit tries again
+        refused = wait_for_text(kit / "log.txt", "registration rejected: Client 'site-3' is disabled", timeout=45)
+        assert "site-3" not in fed.deployment.connected_sites(fed.session)
+    finally:
+        fed.deployment.stop("site-3")
+        fed.session.enable_client("site-3")
+    assert refused, read_log(kit / "log.txt")[-2000:]
