@@ -63,7 +63,7 @@ deploy-local: data ## provisioned kits on localhost: server + SITES sites, JOB s
 	$(PY) -m deploy.local --sites $(SITES) --data $(DATA) --workspace $(DEPLOY_WORKSPACE) --job $(JOB) \
 		--set num_rounds=$(DEPLOY_ROUNDS) --set local_epochs=$(LOCAL_EPOCHS) $(if $(DEPLOY_PORT),--port $(DEPLOY_PORT))
 
-test-deploy: install ## provisioned-kit deployment and security tests on a free port (about a minute)
+test-deploy: install ## provisioned-kit deployment and security tests on a free port (about 1.5 min)
 	$(PY) -m pytest -q tests/deploy $(PYTEST_ARGS)
 
 lint: install ## ruff check and format check

@@ -89,21 +89,27 @@ def test_privacy_budget_template_loads(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("role", "right", "allowed"),
+    ("org", "role", "right", "allowed"),
     [
-        ("project_admin", "submit_job", True),
-        ("project_admin", "byoc", False),
-        ("project_admin", "shell_commands", False),
-        ("lead", "submit_job", True),
-        ("lead", "byoc", False),
-        ("member", "submit_job", False),
-        ("member", "view", True),
+        ("consortium", "project_admin", "submit_job", True),
+        ("consortium", "project_admin", "operate", True),
+        ("consortium", "project_admin", "byoc", False),
+        ("consortium", "project_admin", "shell_commands", False),
+        ("consortium", "lead", "submit_job", True),
+        ("consortium", "lead", "byoc", False),
+        ("consortium", "lead", "operate", False),
+        ("consortium", "member", "submit_job", False),
+        ("consortium", "member", "view", True),
+        ("consortium", "org_admin", "operate", False),
+        ("hospital_a", "org_admin", "operate", True),
+        ("hospital_a", "org_admin", "shell_commands", True),
+        ("hospital_a", "org_admin", "byoc", False),
     ],
 )
-def test_site_authorization_policy(role, right, allowed):
+def test_site_authorization_policy(org, role, right, allowed):
     policy = json.loads((POLICIES / "site" / "authorization.json").read_text())
-    authorizer = FLAuthorizer("hospital_a", policy)
-    user = Person("someone@consortium.org", "consortium", role)
+    authorizer = FLAuthorizer("hospital_a", policy)  # the policy as site-1 (org hospital_a) applies it
+    user = Person("someone@example.org", org, role)
     granted, _ = authorizer.authorize(AuthzContext(right=right, user=user, submitter=user))
     assert granted is allowed
 
