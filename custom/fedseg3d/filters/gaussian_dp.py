@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.filter import Filter
-from nvflare.apis.fl_constant import FLMetaKey, ReturnCode
+from nvflare.apis.fl_constant import FLContextKey, FLMetaKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 
@@ -284,7 +284,7 @@ class GaussianDPFilter(Filter):
         writer = fl_ctx.get_engine().get_component(self.tb_writer_id) if fl_ctx.get_engine() else None
         if writer is None or not hasattr(writer, "add_scalar"):
             raise ValueError(f"tb_writer_id '{self.tb_writer_id}' does not name a FLARE LogWriter component")
-        current_round = _round_of(shareable, dxo)
+        current_round = _round_of(shareable, dxo, fl_ctx)
         if math.isfinite(epsilon):
             writer.add_scalar("dp_epsilon_site_update", float(epsilon), global_step=current_round or 0)
 
@@ -296,7 +296,7 @@ class GaussianDPFilter(Filter):
             return epsilon_for(self._job_history, self.delta, self.accountant), self.delta, "job"
         entry = SpendEntry(
             job_id=str(fl_ctx.get_job_id() or "unknown"),
-            round=_round_of(shareable, dxo),
+            round=_round_of(shareable, dxo, fl_ctx),
             unit=SITE_UPDATE,
             noise_multiplier=mechanism.noise_multiplier,
             sample_rate=mechanism.sample_rate,
@@ -314,9 +314,10 @@ class GaussianDPFilter(Filter):
             epsilon = ledger.charge(entry, budget_epsilon=budget.epsilon_budget, delta=budget.delta)
         except PrivacyBudgetExceeded as err:
             # Say which site and which budget file in the site's log; FLARE then sends an empty error reply.
+            which = f"round {entry.round + 1}" if entry.round is not None else "this round"  # 1-based, as site logs
             self.log_error(
                 fl_ctx,
-                f"site {fl_ctx.get_identity_name()} refuses to send round {entry.round}'s update "
+                f"site {fl_ctx.get_identity_name()} refuses to send {which}'s update "
                 f"(budget file {budget.source}): {err}",
                 fire_event=False,
             )
@@ -351,10 +352,17 @@ def _site_config_dir(fl_ctx: FLContext) -> Path | None:
     return Path(engine.get_workspace().get_site_config_dir())
 
 
-def _round_of(shareable: Shareable, dxo: DXO) -> int | None:
-    """The round a result belongs to, from the task header (or the DXO meta); None when neither has an int."""
-    current_round = shareable.get_header(FLMetaKey.CURRENT_ROUND, dxo.get_meta_prop(FLMetaKey.CURRENT_ROUND))
-    return current_round if isinstance(current_round, int) and not isinstance(current_round, bool) else None
+def _round_of(shareable: Shareable, dxo: DXO, fl_ctx: FLContext) -> int | None:
+    """The round a result belongs to: the result's header, its DXO meta, or the task's header (FLARE's learner
+    executor copies none of these into the reply by itself); None when none holds an int."""
+    candidates = [shareable.get_header(FLMetaKey.CURRENT_ROUND), dxo.get_meta_prop(FLMetaKey.CURRENT_ROUND)]
+    task = fl_ctx.get_prop(FLContextKey.TASK_DATA)
+    if isinstance(task, Shareable):
+        candidates.append(task.get_header(FLMetaKey.CURRENT_ROUND))
+    for value in candidates:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
 
 def _is_real(value: object) -> bool:

@@ -168,7 +168,11 @@ class SegmentationLearner(Learner):
             f"{result.train.steps} steps in {result.train.seconds:.1f} s, "
             f"local val Dice {result.local_eval.mean_dice:.4f} {result.local_eval.class_dice}",
         )
-        meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: result.num_cases, "site_metrics": result.metrics}
+        meta = {
+            MetaKey.NUM_STEPS_CURRENT_ROUND: result.num_cases,
+            MetaKey.CURRENT_ROUND: current_round,  # lets result filters (the DP ledger) name the round
+            "site_metrics": result.metrics,
+        }
         if self.dp_sgd is not None:
             try:
                 meta.update(self._charge_round(budget, result.privacy, current_round, fl_ctx))
