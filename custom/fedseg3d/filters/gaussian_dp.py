@@ -64,10 +64,13 @@ from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 
 from fedseg3d.privacy.accounting import ACCOUNTANTS, SITE_UPDATE, Mechanism, epsilon_for, site_update_mechanism
 from fedseg3d.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger, SiteBudget, SpendEntry
+from fedseg3d.privacy.record import META_DELTA, META_EPSILON, META_SCOPE, META_UNIT
 from fedseg3d.privacy.site_budget import PRIVACY_DIR_ENV, find_site_budget, where_looked
 
-__all__ = ["PRIVACY_DIR_ENV", "GaussianDPFilter", "check_update", "clip_and_noise", "global_l2_norm"]
-META_EPSILON, META_DELTA, META_UNIT, META_SCOPE = "dp_epsilon", "dp_delta", "dp_unit", "dp_scope"
+__all__ = [
+    "META_DELTA", "META_EPSILON", "META_SCOPE", "META_UNIT", "PRIVACY_DIR_ENV",
+    "GaussianDPFilter", "check_update", "clip_and_noise", "global_l2_norm",
+]  # fmt: skip
 NEIGHBOURING = {"add_remove": 1.0, "replace": 2.0}  # sensitivity in units of clip_norm
 # Clip slightly inside C so that the cast back to float32 (relative error <= 2**-24 per element) cannot push the
 # released norm above C. Clipping harder than needed costs nothing in privacy.
