@@ -260,6 +260,7 @@ class GaussianDPFilter(Filter):
             )
         update = check_update(dxo.data)
         budget = self._resolve_budget(fl_ctx)
+        writer = self._tb_writer(fl_ctx)  # before charging: a misconfigured writer must not cost budget
         with self._lock:
             noised, clipped = clip_and_noise(update, self.clip_norm, self.noise_multiplier * self.clip_norm, self._rng)
             epsilon, delta, scope = self._charge(budget, shareable, dxo, fl_ctx)
@@ -277,19 +278,25 @@ class GaussianDPFilter(Filter):
             f"noise_multiplier={self.noise_multiplier}, cumulative epsilon={epsilon:.4g} at delta={delta:g} "
             f"(unit: {SITE_UPDATE}, {scope})",
         )
-        self._stream_epsilon(epsilon, shareable, dxo, fl_ctx)
+        if writer is not None and math.isfinite(epsilon):
+            # Streamed after the charge, so TensorBoard never shows a release the ledger does not hold.
+            step = _round_of(shareable, dxo, fl_ctx) or 0
+            writer.add_scalar("dp_epsilon_site_update", float(epsilon), global_step=step)
         return out.update_shareable(shareable)
 
-    def _stream_epsilon(self, epsilon: float, shareable: Shareable, dxo: DXO, fl_ctx: FLContext) -> None:
-        """Send the cumulative epsilon to TensorBoard through the job's LogWriter (after the ledger charge)."""
+    def _tb_writer(self, fl_ctx: FLContext):
+        """The job's LogWriter named by ``tb_writer_id``, or None when streaming is off.
+
+        Raises:
+            ValueError: ``tb_writer_id`` is set but names no LogWriter component.
+        """
         if not self.tb_writer_id:
-            return
-        writer = fl_ctx.get_engine().get_component(self.tb_writer_id) if fl_ctx.get_engine() else None
+            return None
+        engine = fl_ctx.get_engine()
+        writer = engine.get_component(self.tb_writer_id) if engine is not None else None
         if writer is None or not hasattr(writer, "add_scalar"):
             raise ValueError(f"tb_writer_id '{self.tb_writer_id}' does not name a FLARE LogWriter component")
-        current_round = _round_of(shareable, dxo, fl_ctx)
-        if math.isfinite(epsilon):
-            writer.add_scalar("dp_epsilon_site_update", float(epsilon), global_step=current_round or 0)
+        return writer
 
     def _charge(self, budget: SiteBudget | None, shareable: Shareable, dxo: DXO, fl_ctx: FLContext):
         """Record this release and return (cumulative epsilon, delta, scope). Raises before anything is recorded."""
