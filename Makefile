@@ -10,6 +10,7 @@ JOB ?= unet3d_fedbn
 ROUNDS ?= 20
 LOCAL_EPOCHS ?= 4
 PYTEST_ARGS ?=
+EPSILON_BUDGET ?= 50
 
 .DEFAULT_GOAL := help
 .PHONY: help install data jobs sim poc test test-unit test-e2e test-poc lint format clean
@@ -32,9 +33,10 @@ data: install ## write the synthetic multi-site data set (SITES, SEED, DATA)
 jobs: install ## assemble runnable jobs (config + package) into build/jobs
 	$(PY) -m fedseg3d.tools.build_jobs --out build/jobs
 
-sim: data ## run JOB in the FLARE simulator on 2 sites
+sim: data ## run JOB in the FLARE simulator on 2 sites (DP jobs: budgets in WORKSPACE/privacy, EPSILON_BUDGET)
 	$(PY) -m fedseg3d.tools.build_jobs --out build/jobs --job $(JOB) --set sites_per_round=2 --min-clients 2
-	$(PY) -m fedseg3d.tools.simulate build/jobs/$(JOB) --sites-root $(DATA) --sites site-1,site-2 --workspace $(WORKSPACE)/sim/$(JOB)
+	$(PY) -m fedseg3d.tools.simulate build/jobs/$(JOB) --sites-root $(DATA) --sites site-1,site-2 --workspace $(WORKSPACE)/sim/$(JOB) \
+		--privacy-dir $(WORKSPACE)/privacy --default-budget $(EPSILON_BUDGET)
 	$(PY) -m fedseg3d.tools.report $(WORKSPACE)/sim/$(JOB)
 
 poc: data ## the main command: POC federation of SITES sites running JOB, live progress, Dice table

@@ -22,7 +22,9 @@ from fedseg3d.data.dataset import CasePreparer, PreparedCases, make_train_loader
 from fedseg3d.data.transforms import PreprocessConfig
 from fedseg3d.models.local_state import load_shared_state, shared_state_numpy, split_local_state
 from fedseg3d.models.presets import build_model, count_parameters
+from fedseg3d.privacy.accounting import Mechanism
 from fedseg3d.training.device import resolve_device, use_mixed_precision
+from fedseg3d.training.dpsgd import DPSGDConfig, check_model_supports_dpsgd, train_dpsgd
 from fedseg3d.training.loops import EvalResult, TrainStats, evaluate, train_local
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ class RoundResult:
     train: TrainStats
     local_eval: EvalResult
     metrics: dict[str, float] = field(default_factory=dict)
+    privacy: Mechanism | None = None  # DP-SGD only: what this round released, for the site's privacy ledger
 
 
 class SiteTrainer:
@@ -86,6 +89,7 @@ class SiteTrainer:
         output_dir: where this site writes its own checkpoints (``local_model.pt``, ``best_local_model.pt``).
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         skip_bad_cases: skip cases that fail the data checks (with a warning) instead of failing.
+        dp_sgd: train with patient-level DP-SGD (``fedseg3d.training.dpsgd``) instead of the plain loop.
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class SiteTrainer:
         output_dir: Path,
         device: str = "auto",
         skip_bad_cases: bool = False,
+        dp_sgd: DPSGDConfig | None = None,
     ) -> None:
         self.site_name = site_name
         self.class_names = dict(sorted(class_names.items()))
@@ -109,6 +114,9 @@ class SiteTrainer:
         set_determinism(seed=training.seed)
         self.model = build_model(training.model_preset, out_channels=len(self.class_names)).to(self.device)
         self.split = split_local_state(self.model, keep_batchnorm_local=training.keep_batchnorm_local)
+        self.dp_sgd = dp_sgd
+        if dp_sgd is not None:
+            check_model_supports_dpsgd(self.model, training.model_preset)
         preparer = CasePreparer(preprocessing, num_classes=len(self.class_names))
         self.train_cases: PreparedCases = prepare_cases(datalist.training, preparer, skip_bad_cases, "training")
         self.val_cases: PreparedCases = prepare_cases(datalist.validation, preparer, skip_bad_cases, "validation")
@@ -150,26 +158,24 @@ class SiteTrainer:
         if ignored:
             logger.debug("%s: kept %d local key(s) instead of the global values", self.site_name, len(ignored))
         start = shared_state_numpy(self.model, self.split)
-        loader = make_train_loader(
-            self.train_cases.items,
-            self.preprocessing,
-            self.training.batch_size,
-            seed=self.training.seed + current_round,
-        )
         optimizer = torch.optim.Adam(
             self.model.parameters(), lr=self.training.learning_rate, weight_decay=self.training.weight_decay
         )
-        stats = train_local(
-            self.model,
-            loader,
-            optimizer,
-            self.device,
-            epochs=self.training.local_epochs,
-            max_steps=self.training.local_steps,
-            amp=self.amp,
-            should_stop=should_stop,
-            progress=progress,
-        )
+        mechanism = None
+        if self.dp_sgd is not None:
+            stats, mechanism, _ = train_dpsgd(
+                self.model,
+                self.train_cases.items,
+                self.preprocessing,
+                self.dp_sgd,
+                optimizer,
+                self.device,
+                seed=self.training.seed + current_round,
+                should_stop=should_stop,
+                progress=progress,
+            )
+        else:
+            stats = self._train_plain(optimizer, current_round, should_stop, progress)
         local_eval = self._evaluate(self.model, should_stop)
         self._save_checkpoints(local_eval, current_round)
         end = shared_state_numpy(self.model, self.split)
@@ -180,7 +186,37 @@ class SiteTrainer:
         self.rounds_done += 1
         metrics = {"train_loss": stats.mean_loss, **local_eval.as_metrics("local_val_")}
         return RoundResult(
-            update=update, num_cases=self.num_train_cases, train=stats, local_eval=local_eval, metrics=metrics
+            update=update,
+            num_cases=self.num_train_cases,
+            train=stats,
+            local_eval=local_eval,
+            metrics=metrics,
+            privacy=mechanism,
+        )
+
+    def planned_privacy(self) -> Mechanism | None:
+        """What one DP-SGD round will release (None without DP-SGD), to check the budget before training."""
+        if self.dp_sgd is None:
+            return None
+        return self.dp_sgd.mechanism(self.num_train_cases, self.dp_sgd.steps_for(self.num_train_cases))
+
+    def _train_plain(self, optimizer: torch.optim.Optimizer, current_round: int, should_stop, progress) -> TrainStats:
+        loader = make_train_loader(
+            self.train_cases.items,
+            self.preprocessing,
+            self.training.batch_size,
+            seed=self.training.seed + current_round,
+        )
+        return train_local(
+            self.model,
+            loader,
+            optimizer,
+            self.device,
+            epochs=self.training.local_epochs,
+            max_steps=self.training.local_steps,
+            amp=self.amp,
+            should_stop=should_stop,
+            progress=progress,
         )
 
     def shared_weights(self) -> dict[str, np.ndarray]:
