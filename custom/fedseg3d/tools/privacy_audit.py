@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 CLIENT_CONFIG = "config_fed_client.json"
 GLOBAL_MODEL = "FL_global_model.pt"
 LOCAL_MODEL = Path("site_models") / "local_model.pt"
+PRIVACY_RECORDS = "privacy.jsonl"
 _VAR = re.compile(r"^\{(\w+)\}$")
 
 
@@ -133,24 +134,24 @@ def find_sites(run_dir: Path) -> list[str]:
 
 
 def find_epsilons(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """Epsilon per site as the job's results record it; empty for a non-private job.
+    """Each site's cumulative epsilon as the job's results record it; empty for a non-private job.
 
-    Reads the site metrics each contribution carried (``fedseg3d/contributions.jsonl``): the last reported
-    ``*epsilon*`` value per site, with its ``delta`` and privacy ``unit`` when reported.
+    Reads ``fedseg3d/privacy.jsonl`` (written by the server's ``ContributionLog`` from what each DP site declared
+    with its update) and keeps each site's latest round: epsilon, delta, the protected unit (``site_update`` or
+    ``patient``) and the scope (``site_ledger``: the site's lifetime total; otherwise this job only).
     """
     found: dict[str, dict[str, Any]] = {}
-    for path in sorted(Path(run_dir).rglob("contributions.jsonl")):
-        for line in path.read_text().splitlines():
-            entry = json.loads(line)
-            metrics = entry.get("site_metrics") or {}
-            epsilon = {k: v for k, v in metrics.items() if "epsilon" in k and isinstance(v, int | float)}
-            if epsilon:
-                key = sorted(epsilon)[0]
-                found[entry["site"]] = {
-                    "epsilon": float(epsilon[key]),
-                    "delta": metrics.get("privacy_delta", metrics.get("delta")),
-                    "unit": metrics.get("privacy_unit", metrics.get("unit", key)),
-                }
+    for path in sorted(Path(run_dir).rglob(PRIVACY_RECORDS)):
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            try:
+                record = json.loads(line)
+                site, round_ = record["site"], int(record["round"])
+                entry = {"epsilon": float(record["epsilon"]), "delta": record.get("delta"), "unit": record.get("unit")}
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"{path}:{number}: not a privacy record with site, round and epsilon ({err})") from err
+            entry["scope"] = record.get("scope")
+            if site not in found or round_ >= found[site]["round"]:
+                found[site] = {**entry, "round": round_}
     return found
 
 
