@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from monai.metrics import compute_roc_auc
+from monai.utils import convert_to_tensor
 
 from fedseg3d.training.loops import make_loss
 
@@ -75,8 +76,9 @@ def case_losses(
     model.eval()
     losses = []
     for item in items:
-        image = item["image"].unsqueeze(0).to(device)
-        label = item["label"].unsqueeze(0).to(device)
+        # Plain tensors: MONAI's MetaTensor bookkeeping on every layer costs about a quarter of the time on CPU.
+        image = convert_to_tensor(item["image"], track_meta=False).unsqueeze(0).to(device)
+        label = convert_to_tensor(item["label"], track_meta=False).unsqueeze(0).to(device)
         logits = sliding_window_inference(image, tuple(roi_size), sw_batch_size=4, predictor=model, overlap=0.25)
         loss = float(loss_fn(logits.float(), label))
         if not math.isfinite(loss):
