@@ -58,16 +58,19 @@ from pathlib import Path
 import numpy as np
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.filter import Filter
-from nvflare.apis.fl_constant import FLMetaKey, ReturnCode
+from nvflare.apis.fl_constant import FLContextKey, FLMetaKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 
 from fedseg3d.privacy.accounting import ACCOUNTANTS, SITE_UPDATE, Mechanism, epsilon_for, site_update_mechanism
 from fedseg3d.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger, SiteBudget, SpendEntry
+from fedseg3d.privacy.record import META_DELTA, META_EPSILON, META_SCOPE, META_UNIT
 from fedseg3d.privacy.site_budget import PRIVACY_DIR_ENV, find_site_budget, where_looked
 
-__all__ = ["PRIVACY_DIR_ENV", "GaussianDPFilter", "check_update", "clip_and_noise", "global_l2_norm"]
-META_EPSILON, META_DELTA, META_UNIT, META_SCOPE = "dp_epsilon", "dp_delta", "dp_unit", "dp_scope"
+__all__ = [
+    "META_DELTA", "META_EPSILON", "META_SCOPE", "META_UNIT", "PRIVACY_DIR_ENV",
+    "GaussianDPFilter", "check_update", "clip_and_noise", "global_l2_norm",
+]  # fmt: skip
 NEIGHBOURING = {"add_remove": 1.0, "replace": 2.0}  # sensitivity in units of clip_norm
 # Clip slightly inside C so that the cast back to float32 (relative error <= 2**-24 per element) cannot push the
 # released norm above C. Clipping harder than needed costs nothing in privacy.
@@ -257,6 +260,7 @@ class GaussianDPFilter(Filter):
             )
         update = check_update(dxo.data)
         budget = self._resolve_budget(fl_ctx)
+        writer = self._tb_writer(fl_ctx)  # before charging: a misconfigured writer must not cost budget
         with self._lock:
             noised, clipped = clip_and_noise(update, self.clip_norm, self.noise_multiplier * self.clip_norm, self._rng)
             epsilon, delta, scope = self._charge(budget, shareable, dxo, fl_ctx)
@@ -274,19 +278,25 @@ class GaussianDPFilter(Filter):
             f"noise_multiplier={self.noise_multiplier}, cumulative epsilon={epsilon:.4g} at delta={delta:g} "
             f"(unit: {SITE_UPDATE}, {scope})",
         )
-        self._stream_epsilon(epsilon, shareable, dxo, fl_ctx)
+        if writer is not None and math.isfinite(epsilon):
+            # Streamed after the charge, so TensorBoard never shows a release the ledger does not hold.
+            step = _round_of(shareable, dxo, fl_ctx) or 0
+            writer.add_scalar("dp_epsilon_site_update", float(epsilon), global_step=step)
         return out.update_shareable(shareable)
 
-    def _stream_epsilon(self, epsilon: float, shareable: Shareable, dxo: DXO, fl_ctx: FLContext) -> None:
-        """Send the cumulative epsilon to TensorBoard through the job's LogWriter (after the ledger charge)."""
+    def _tb_writer(self, fl_ctx: FLContext):
+        """The job's LogWriter named by ``tb_writer_id``, or None when streaming is off.
+
+        Raises:
+            ValueError: ``tb_writer_id`` is set but names no LogWriter component.
+        """
         if not self.tb_writer_id:
-            return
-        writer = fl_ctx.get_engine().get_component(self.tb_writer_id) if fl_ctx.get_engine() else None
+            return None
+        engine = fl_ctx.get_engine()
+        writer = engine.get_component(self.tb_writer_id) if engine is not None else None
         if writer is None or not hasattr(writer, "add_scalar"):
             raise ValueError(f"tb_writer_id '{self.tb_writer_id}' does not name a FLARE LogWriter component")
-        current_round = _round_of(shareable, dxo)
-        if math.isfinite(epsilon):
-            writer.add_scalar("dp_epsilon_site_update", float(epsilon), global_step=current_round or 0)
+        return writer
 
     def _charge(self, budget: SiteBudget | None, shareable: Shareable, dxo: DXO, fl_ctx: FLContext):
         """Record this release and return (cumulative epsilon, delta, scope). Raises before anything is recorded."""
@@ -296,7 +306,7 @@ class GaussianDPFilter(Filter):
             return epsilon_for(self._job_history, self.delta, self.accountant), self.delta, "job"
         entry = SpendEntry(
             job_id=str(fl_ctx.get_job_id() or "unknown"),
-            round=_round_of(shareable, dxo),
+            round=_round_of(shareable, dxo, fl_ctx),
             unit=SITE_UPDATE,
             noise_multiplier=mechanism.noise_multiplier,
             sample_rate=mechanism.sample_rate,
@@ -314,9 +324,10 @@ class GaussianDPFilter(Filter):
             epsilon = ledger.charge(entry, budget_epsilon=budget.epsilon_budget, delta=budget.delta)
         except PrivacyBudgetExceeded as err:
             # Say which site and which budget file in the site's log; FLARE then sends an empty error reply.
+            which = f"round {entry.round + 1}" if entry.round is not None else "this round"  # 1-based, as site logs
             self.log_error(
                 fl_ctx,
-                f"site {fl_ctx.get_identity_name()} refuses to send round {entry.round}'s update "
+                f"site {fl_ctx.get_identity_name()} refuses to send {which}'s update "
                 f"(budget file {budget.source}): {err}",
                 fire_event=False,
             )
@@ -351,10 +362,17 @@ def _site_config_dir(fl_ctx: FLContext) -> Path | None:
     return Path(engine.get_workspace().get_site_config_dir())
 
 
-def _round_of(shareable: Shareable, dxo: DXO) -> int | None:
-    """The round a result belongs to, from the task header (or the DXO meta); None when neither has an int."""
-    current_round = shareable.get_header(FLMetaKey.CURRENT_ROUND, dxo.get_meta_prop(FLMetaKey.CURRENT_ROUND))
-    return current_round if isinstance(current_round, int) and not isinstance(current_round, bool) else None
+def _round_of(shareable: Shareable, dxo: DXO, fl_ctx: FLContext) -> int | None:
+    """The round a result belongs to: the result's header, its DXO meta, or the task's header (FLARE's learner
+    executor copies none of these into the reply by itself); None when none holds an int."""
+    candidates = [shareable.get_header(FLMetaKey.CURRENT_ROUND), dxo.get_meta_prop(FLMetaKey.CURRENT_ROUND)]
+    task = fl_ctx.get_prop(FLContextKey.TASK_DATA)
+    if isinstance(task, Shareable):
+        candidates.append(task.get_header(FLMetaKey.CURRENT_ROUND))
+    for value in candidates:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
 
 def _is_real(value: object) -> bool:

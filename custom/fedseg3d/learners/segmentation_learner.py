@@ -27,13 +27,12 @@ from fedseg3d.data.site_config import SiteConfig, find_site_config
 from fedseg3d.data.transforms import PreprocessConfig
 from fedseg3d.privacy.accounting import PATIENT, Mechanism, cost_of, epsilon_for
 from fedseg3d.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger, PrivacyLedgerError, SiteBudget, SpendEntry
+from fedseg3d.privacy.record import privacy_meta
 from fedseg3d.privacy.site_budget import find_site_budget, where_looked
 from fedseg3d.training.dpsgd import DPSGDConfig
 from fedseg3d.training.site_trainer import SiteTrainer, TrainingConfig
 
 LOG_EVERY_STEPS = 10
-# DXO meta keys of the privacy record (the same names GaussianDPFilter writes; the server's ContributionLog reads them).
-META_EPSILON, META_DELTA, META_UNIT, META_SCOPE = "dp_epsilon", "dp_delta", "dp_unit", "dp_scope"
 # Delta reported when a site runs DP-SGD without a budget file (require_privacy_budget=false); a budget's delta wins.
 # The same default as GaussianDPFilter's ``delta``.
 JOB_ONLY_DELTA = 1e-5
@@ -168,7 +167,11 @@ class SegmentationLearner(Learner):
             f"{result.train.steps} steps in {result.train.seconds:.1f} s, "
             f"local val Dice {result.local_eval.mean_dice:.4f} {result.local_eval.class_dice}",
         )
-        meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: result.num_cases, "site_metrics": result.metrics}
+        meta = {
+            MetaKey.NUM_STEPS_CURRENT_ROUND: result.num_cases,
+            MetaKey.CURRENT_ROUND: current_round,  # lets result filters (the DP ledger) name the round
+            "site_metrics": result.metrics,
+        }
         if self.dp_sgd is not None:
             try:
                 meta.update(self._charge_round(budget, result.privacy, current_round, fl_ctx))
@@ -239,7 +242,7 @@ class SegmentationLearner(Learner):
             f"at delta={delta:g} (unit: {PATIENT}, {scope})",
         )
         self._stream({"dp_epsilon_patient": epsilon}, current_round)
-        return {META_EPSILON: epsilon, META_DELTA: delta, META_UNIT: PATIENT, META_SCOPE: scope}
+        return privacy_meta(epsilon, delta, PATIENT, scope)
 
     def validate(self, data: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         """Dice of a received model on this site's validation cases (with this site's own batch norm in FedBN).

@@ -29,11 +29,11 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 
+from fedseg3d.privacy.record import PRIVACY_META
+
 OUTPUT_SUBDIR = "fedseg3d"
 CONTRIBUTIONS_FILE = "contributions.jsonl"
 PRIVACY_FILE = "privacy.jsonl"
-# DXO meta keys written at the site (the same names as fedseg3d.filters.gaussian_dp's META_* constants).
-PRIVACY_META = {"dp_epsilon": "epsilon", "dp_delta": "delta", "dp_unit": "unit", "dp_scope": "scope"}
 
 
 def _jsonable(value):

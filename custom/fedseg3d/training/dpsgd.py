@@ -62,7 +62,9 @@ class DPSGDConfig:
         patients_per_step: expected number of patients per step; the Poisson rate is this over the site's patients.
         steps_per_round: DP-SGD steps per round; 0 means one expected pass over the patients
             (``ceil(n_patients / patients_per_step)`` steps).
-        secure_mode: use Opacus's secure RNG for noise and sampling (requires ``torchcsprng``).
+        secure_mode: draw noise and the Poisson sample from a cryptographically secure generator
+            (``torchcsprng``, as ``opacus.PrivacyEngine(secure_mode=True)`` does) and use Opacus's hardened noise
+            sampling. Refused when the job starts if ``torchcsprng`` is not installed.
     """
 
     noise_multiplier: float = 1.0
@@ -82,6 +84,8 @@ class DPSGDConfig:
                 raise ValueError(f"dp_sgd.{name} must be an integer >= {low}, got {value!r}")
         if not isinstance(self.secure_mode, bool):
             raise ValueError(f"dp_sgd.secure_mode must be true or false, got {self.secure_mode!r}")
+        if self.secure_mode:
+            secure_generator()  # fail when the job starts, not in round 1
 
     @classmethod
     def from_dict(cls, raw: dict | None) -> DPSGDConfig | None:
@@ -155,7 +159,7 @@ def make_patient_loader(
     """Opacus's Poisson-sampling loader over patients, at rate ``patients_per_step / len(items)``."""
     config.mechanism(len(items), 1)  # validates patients_per_step against the site's size
     dataset = OnePatchPerPatient(items, preprocessing, seed)
-    generator = None if config.secure_mode else torch.Generator().manual_seed(seed)
+    generator = secure_generator() if config.secure_mode else torch.Generator().manual_seed(seed)
     return DPDataLoader(
         dataset,
         sample_rate=config.patients_per_step / len(items),
@@ -163,6 +167,19 @@ def make_patient_loader(
         generator=generator,
         num_workers=0,
     )
+
+
+def secure_generator() -> torch.Generator:
+    """A generator reading /dev/urandom, from ``torchcsprng`` (the one ``opacus.PrivacyEngine`` uses).
+
+    Raises:
+        RuntimeError: ``torchcsprng`` is not installed.
+    """
+    try:
+        import torchcsprng  # noqa: PLC0415 - optional dependency, only for secure_mode
+    except ImportError as err:
+        raise RuntimeError("dp_sgd.secure_mode needs the torchcsprng package, which is not installed") from err
+    return torchcsprng.create_random_device_generator("/dev/urandom")
 
 
 def _batch_size(batch) -> int:
@@ -204,6 +221,7 @@ def train_dpsgd(
         max_grad_norm=config.max_grad_norm,
         expected_batch_size=config.patients_per_step,
         loss_reduction="mean",
+        generator=secure_generator() if config.secure_mode else None,
         secure_mode=config.secure_mode,
     )
     accountant = RDPAccountant()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 
 import pytest
@@ -67,6 +68,12 @@ def test_config_refuses_more_patients_per_step_than_the_site_has_and_bad_values(
     with pytest.raises(ValueError, match="unknown field"):
         DPSGDConfig.from_dict({"noise": 1.0})
     assert DPSGDConfig.from_dict({}) is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchcsprng") is not None, reason="torchcsprng is installed")
+def test_secure_mode_without_torchcsprng_is_refused_not_silently_insecure():
+    with pytest.raises(RuntimeError, match="torchcsprng"):
+        DPSGDConfig(secure_mode=True)
     assert DPSGDConfig(patients_per_step=2).steps_for(5) == 3  # one expected pass: ceil(5 / 2)
 
 
