@@ -10,6 +10,7 @@ JOB ?= unet3d_fedbn
 ROUNDS ?= 20
 LOCAL_EPOCHS ?= 4
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 EPSILON_BUDGET ?= 50
 PROVISION ?= build/provision
 DEPLOY_WORKSPACE ?= build/deploy-local
@@ -19,7 +20,7 @@ SITE ?=
 ORG ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install data jobs sim poc test test-unit test-e2e test-poc lint format clean provision add-site deploy-local test-deploy
+.PHONY: help install data jobs sim poc test test-unit test-e2e test-poc lint format clean provision add-site deploy-local test-deploy audit bench-privacy
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -44,6 +45,12 @@ sim: data ## run JOB in the FLARE simulator on 2 sites (DP jobs: budgets in WORK
 	$(PY) -m fedseg3d.tools.simulate build/jobs/$(JOB) --sites-root $(DATA) --sites site-1,site-2 --workspace $(WORKSPACE)/sim/$(JOB) \
 		--privacy-dir $(WORKSPACE)/privacy --default-budget $(EPSILON_BUDGET)
 	$(PY) -m fedseg3d.tools.report $(WORKSPACE)/sim/$(JOB)
+
+audit: install ## membership-inference audit of the last `make sim` run of JOB (docs/privacy_audit.md)
+	$(PY) -m fedseg3d.tools.privacy_audit --run-dir $(WORKSPACE)/sim/$(JOB) --sites-root $(DATA)
+
+bench-privacy: install ## Dice vs epsilon vs attack AUC of the DP jobs, writes docs/privacy_benchmark.md (~20 min; BENCH_ARGS=--quick)
+	$(PY) benchmarks/privacy_tradeoff.py $(BENCH_ARGS)
 
 poc: data ## the main command: POC federation of SITES sites running JOB, live progress, Dice table
 	$(PY) poc/run_poc.py --job $(JOB) --data $(DATA) --workspace $(abspath $(WORKSPACE))/poc \

@@ -160,13 +160,19 @@ def make_patient_loader(
     config.mechanism(len(items), 1)  # validates patients_per_step against the site's size
     dataset = OnePatchPerPatient(items, preprocessing, seed)
     generator = secure_generator() if config.secure_mode else torch.Generator().manual_seed(seed)
-    return DPDataLoader(
+    loader = DPDataLoader(
         dataset,
         sample_rate=config.patients_per_step / len(items),
         collate_fn=list_data_collate,
         generator=generator,
         num_workers=0,
     )
+    # Opacus builds an empty *first* batch from the shapes and dtypes of the elements of dataset[0]; our samples
+    # are dicts, so it iterates their keys and fails (torch.zeros with dtype=str). Without those hints it returns
+    # an empty list, which train_dpsgd handles as a step with nobody sampled.
+    loader.collate_fn.sample_empty_shapes = None
+    loader.collate_fn.dtypes = None
+    return loader
 
 
 def secure_generator() -> torch.Generator:
