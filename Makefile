@@ -12,7 +12,7 @@ LOCAL_EPOCHS ?= 4
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install data jobs sim poc test test-unit test-e2e test-poc lint format clean
+.PHONY: help install data jobs sim poc test test-unit test-e2e test-poc lint format clean bench bench-quick
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -46,6 +46,13 @@ test: install ## the test command: unit tests, simulator end-to-end runs and one
 
 test-unit: install ## unit tests only (seconds)
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+BENCH_MODE ?= full
+bench: install ## benchmark: local-only, pooled, FedAvg, FedProx, FedBN, POC cost; report (BENCH_MODE=full|quick)
+	$(PY) -m benchmarks.run --mode $(BENCH_MODE)
+
+bench-quick: install ## the benchmark's quick mode (2 sites, 2 rounds, tiny volumes; report under workspace/bench)
+	$(PY) -m benchmarks.run --mode quick
 
 lint: install ## ruff check and format check
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
