@@ -1,6 +1,7 @@
 """Build a federated job for the benchmark, run it for real (FLARE simulator), and read back what it measured.
 
-The benchmark adds one probe to the built copy of each job (never to the committed job): FLARE's filter chain gets
+The benchmark seeds the server's initial model with its ``--seed`` and adds one probe to the built copy of each job
+(never to the committed job): FLARE's filter chain gets
 ``fedseg3d.filters.message_size.MessageSizeRecorder`` last on the site's results (bytes site -> server) and on the
 server's task data (bytes server -> site), so byte figures are of serialised messages, after any quantiser.
 Everything else comes from files the job writes anyway: the cross-site matrix and ``contributions.jsonl`` (global
@@ -75,6 +76,22 @@ def add_byte_probes(job_dir: Path) -> None:
         path.write_text(json.dumps(config, indent=2) + "\n")
 
 
+def seed_initial_model(job_dir: Path, seed: int) -> None:
+    """Give the server persistor's ``PresetUNet`` the benchmark's seed: every method starts from the same weights
+    (the ones ``SiteTrainer`` builds from that seed for local-only and pooled)."""
+    path = job_dir / "app" / "config" / "config_fed_server.json"
+    config = json.loads(path.read_text())
+    models = [
+        c["args"]["model"] for c in config.get("components", []) if isinstance(c.get("args", {}).get("model"), dict)
+    ]
+    presets = [m for m in models if m.get("path", "").endswith("PresetUNet")]
+    if not presets:
+        raise ValueError(f"{path}: no persistor with a fedseg3d PresetUNet model to seed")
+    for model in presets:
+        model.setdefault("args", {})["seed"] = seed
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def build_bench_job(cfg: BenchConfig, job: str, out_dir: Path) -> Path:
     """The committed job with this benchmark's rounds, epochs, seed and sites, plus the byte probes."""
     overrides = {
@@ -87,6 +104,7 @@ def build_bench_job(cfg: BenchConfig, job: str, out_dir: Path) -> Path:
     }
     (job_dir,) = build_jobs(JOBS_DIR, out_dir, [job], overrides, min_clients=cfg.sites)
     add_byte_probes(job_dir)
+    seed_initial_model(job_dir, cfg.seed)
     return job_dir
 
 

@@ -109,3 +109,23 @@ def test_summaries_and_goals():
     fedbn_low = method_summary("fedbn", {"matrix": {s: {"global": 0.52, s: 0.7} for s in sites}}, sites)
     rows = goals({"local_only": local, "pooled": pooled, "fedbn": fedbn_low}, overhead_median=math.nan)
     assert [r["met"] for r in rows] == [False, False, None]
+
+
+def test_every_method_starts_from_the_same_weights(tmp_path):
+    import torch
+    from monai.utils import set_determinism
+
+    from fedseg3d.models.presets import PresetUNet, build_model
+
+    cfg = make_config("quick", seed=3)
+    job_dir = build_bench_job(cfg, "unet3d_fedbn", tmp_path)
+    server = json.loads((job_dir / "app/config/config_fed_server.json").read_text())
+    (persistor,) = [c for c in server["components"] if c["id"] == "persistor"]
+    model_args = persistor["args"]["model"]["args"]
+    assert model_args["seed"] == 3
+    served = PresetUNet(server["model_preset"], server["num_classes"], model_args["seed"]).state_dict()
+    set_determinism(seed=3)  # what SiteTrainer does before building its model
+    local = build_model("unet3d_tiny", out_channels=3).state_dict()
+    set_determinism(seed=None)
+    assert all(torch.equal(served[k], local[k]) for k in local)
+    assert not torch.equal(PresetUNet(num_classes=3, seed=4).state_dict()[next(iter(local))], served[next(iter(local))])
