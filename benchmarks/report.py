@@ -96,7 +96,8 @@ def report_markdown(results: dict, plots: dict[str, str | None]) -> str:
         "dice_vs_epsilon": "Dice against epsilon",
     }
     for key, caption in captions.items():
-        lines.append(f"![{caption}]({plots[key]})" if plots.get(key) else f"- {caption}: not drawn (no data).")
+        lines.append(f"![{caption}]({plots[key]})" if plots.get(key) else f"{caption}: not drawn (no data).")
+        lines.append("")
     lines += ["", "### Not run / not available", ""]
     lines += [f"- {name}: {why}" for name, why in results["not_run"].items()]
     return "\n".join(lines) + "\n"
