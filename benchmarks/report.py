@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 from benchmarks.render import dice_tables, label, local_only_matrix, table
+from benchmarks.summary import mean_curve
+
+
+def rounds_table(results: dict) -> str:
+    """Mean Dice over sites after each round, one column per method (the numbers behind dice_per_round.png)."""
+    curves = {m: mean_curve(raw["per_round"]) for m, raw in results["methods"].items()}
+    rounds = sorted({r for c in curves.values() for r in c})
+    rows = [[r, *(curves[m].get(r) for m in curves)] for r in rounds]
+    return table(["round", *(label(m) for m in curves)], rows)
 
 
 def cost_sections(results: dict) -> list[str]:
@@ -82,6 +91,14 @@ def report_markdown(results: dict, plots: dict[str, str | None]) -> str:
         "separate POC run of the same job.",
         "",
         summary_text(results),
+        "### Mean Dice after each round",
+        "",
+        "Federated: the global model each site received at the start of the round (round 0: the initial model; the "
+        "last row: the final global model). Local-only: each site's own model on its own validation cases. Pooled: "
+        "the pooled model on every site's validation cases.",
+        "",
+        rounds_table(results),
+        "",
         "### Local-only models on every site",
         "",
         local_only_matrix(results),
