@@ -63,7 +63,20 @@ def _score(model: torch.nn.Module, on: SiteTrainer) -> float:
 
 
 def run_centralised(cfg: BenchConfig, sites_root: Path, work_dir: Path, log=print) -> dict[str, CentralisedResult]:
-    """Train local-only models and the pooled model; return ``{"local_only": ..., "pooled": ...}``."""
+    """Train local-only models and the pooled model; return ``{"local_only": ..., "pooled": ...}``.
+
+    Runs with one torch thread, as every POC and simulator site does (``num_threads: 1``): throughput figures are
+    then comparable, and torch's thread pool does not spin against other work on a shared CPU.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_centralised(cfg, sites_root, work_dir, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_centralised(cfg: BenchConfig, sites_root: Path, work_dir: Path, log) -> dict[str, CentralisedResult]:
     class_names, preprocessing, training = centralised_settings(cfg)
     datalists = {s: _site_datalist(sites_root, s, class_names) for s in cfg.site_names}
     trainers = {

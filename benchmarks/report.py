@@ -80,6 +80,12 @@ def report_markdown(results: dict, plots: dict[str, str | None]) -> str:
         f"- load (os.getloadavg, 1/5/15 min) at start {meta['loadavg_start']}, at end {meta['loadavg_end']}; "
         f"1-min load sampled every 10 s: min {meta['load_1min']['min']:.2f}, mean {meta['load_1min']['mean']:.2f}, "
         f"max {meta['load_1min']['max']:.2f} (the CPU was shared with other work: timings are indicative)",
+        "- phases: "
+        + "; ".join(
+            f"{p['phase']} {p['seconds']:.0f} s (1-min load {p['load_1min_at_start']:.1f} at its start)"
+            for p in meta.get("phases", [])
+        )  # fmt: skip
+        + ".",
         "- GPU: none on this machine; GPU figures were not run.",
         f"- setup: mode `{cfg['mode']}`, {cfg['sites']} synthetic sites (seed {cfg['seed']}, fov {cfg['fov_mm']} mm, "
         f"cases_scale {cfg['cases_scale']}), {cfg['rounds']} rounds x {cfg['local_epochs']} local epochs = "
@@ -88,7 +94,11 @@ def report_markdown(results: dict, plots: dict[str, str | None]) -> str:
         "- Dice is mean foreground Dice (organ, lesion) on each site's validation cases, which no method trains on "
         "and which select nothing here (final models are scored, not best checkpoints).",
         "- federated methods ran for real in the FLARE simulator (Dice, bytes); the cost figures come from a "
-        "separate POC run of the same job.",
+        "separate POC run of the same job. Every method starts from the same seeded initial model.",
+        "- equal data budget is not equal optimizer steps: per epoch the pooled model takes one step per batch of "
+        "*all* sites' patches, while each federated round averages site models that each took steps on their own "
+        "data only. With few epochs (the full mode is sized for a shared 2-core CPU) no method has converged, "
+        "which favours pooled; read the goals below with that in mind.",
         "",
         summary_text(results),
         "### Mean Dice after each round",

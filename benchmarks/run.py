@@ -143,13 +143,24 @@ def run(cfg: BenchConfig, out_dir: Path, work: Path, command: str, timeout: floa
     log(f"writing {cfg.sites} synthetic sites to {sites_root}")
     generate_sites(sites_root, n_sites=cfg.sites, seed=cfg.seed, fov_mm=cfg.fov_mm, cases_scale=cfg.cases_scale)
 
+    phases = []
+
+    def phase(name: str, began: float, load_at_start: float) -> None:
+        phases.append({"phase": name, "seconds": time.perf_counter() - began, "load_1min_at_start": load_at_start})
+
     log("local-only and pooled training (package training code, no FLARE)")
+    began, load_now = time.perf_counter(), os.getloadavg()[0]
     central = run_centralised(cfg, sites_root, work / "centralised", log=log)
+    phase("local-only + pooled", began, load_now)
     methods = {name: dataclasses.asdict(result) for name, result in central.items()}
     extra = optional_jobs()
+    began, load_now = time.perf_counter(), os.getloadavg()[0]
     fed, failed = run_federated(cfg, sites_root, work, {**FEDERATED_JOBS, **extra}, timeout)
+    phase("federated (simulator)", began, load_now)
     methods.update(fed)
+    began, load_now = time.perf_counter(), os.getloadavg()[0]
     poc = run_poc(cfg, sites_root, work, timeout) if cfg.poc else None
+    phase("POC cost run", began, load_now)
 
     not_run = {"SCAFFOLD": SCAFFOLD_NOT_RUN, **failed}
     if not any("dp" in m for m in extra):
@@ -168,13 +179,14 @@ def run(cfg: BenchConfig, out_dir: Path, work: Path, command: str, timeout: floa
             "loadavg_end": [round(v, 2) for v in os.getloadavg()],
             "load_1min": load.stop(),
             "wall_seconds": time.perf_counter() - started,
+            "phases": phases,
         },
         "config": {**dataclasses.asdict(cfg), "site_names": cfg.site_names, "total_epochs": cfg.total_epochs},
         "methods": methods,
         "summary": summaries,
         "poc": poc,
         "centralised_throughput": [
-            throughput_from_totals(f"{name} (no FLARE, 1 process)", totals, cfg.rounds)
+            throughput_from_totals(f"{name} (no FLARE, 1 thread)", totals, cfg.rounds)
             for family in central.values()
             for name, totals in family.train_stats.items()
         ],
