@@ -65,7 +65,7 @@ class BenchConfig:
 
 MODES = {
     "quick": BenchConfig(mode="quick", sites=2, rounds=2, local_epochs=1, fov_mm=32.0, cases_scale=0.2),
-    "full": BenchConfig(mode="full", sites=4, rounds=6, local_epochs=2, fov_mm=64.0, cases_scale=1.0),
+    "full": BenchConfig(mode="full", sites=4, rounds=10, local_epochs=3, fov_mm=64.0, cases_scale=1.0),
 }
 
 

@@ -97,8 +97,11 @@ def report_markdown(results: dict, plots: dict[str, str | None]) -> str:
         "separate POC run of the same job. Every method starts from the same seeded initial model.",
         "- equal data budget is not equal optimizer steps: per epoch the pooled model takes one step per batch of "
         "*all* sites' patches, while each federated round averages site models that each took steps on their own "
-        "data only. With few epochs (the full mode is sized for a shared 2-core CPU) no method has converged, "
-        "which favours pooled; read the goals below with that in mind.",
+        "data only.",
+        "- one seed, one run per method: the per-round table below shows how much the mean Dice swings from one "
+        "round to the next; differences smaller than that swing are not established by this run.",
+        "- throughput: in POC the sites train at the same time, 4 single-thread processes on the shared cores; the "
+        '"no FLARE" rows train one model at a time on one thread, so they are not slowed by the other sites.',
         "",
         summary_text(results),
         "### Mean Dice after each round",
