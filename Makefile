@@ -20,7 +20,7 @@ SITE ?=
 ORG ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install data jobs sim poc test test-unit test-e2e test-poc lint format clean provision add-site deploy-local test-deploy audit bench-privacy
+.PHONY: help install data jobs sim poc test test-unit test-e2e test-poc lint format clean provision add-site deploy-local test-deploy audit bench-privacy bench bench-quick
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -74,6 +74,13 @@ deploy-local: data ## provisioned kits on localhost: server + SITES sites, JOB s
 
 test-deploy: install ## provisioned-kit deployment and security tests on a free port (about 1.5 min)
 	$(PY) -m pytest -q tests/deploy $(PYTEST_ARGS)
+
+BENCH_MODE ?= full
+bench: install ## benchmark: local-only, pooled, FedAvg, FedProx, FedBN, POC cost; report (BENCH_MODE=full|quick)
+	$(PY) -m benchmarks.run --mode $(BENCH_MODE)
+
+bench-quick: install ## the benchmark's quick mode (2 sites, 2 rounds, tiny volumes; report under workspace/bench)
+	$(PY) -m benchmarks.run --mode quick
 
 lint: install ## ruff check and format check
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -20,6 +20,7 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.abstract.learner_spec import Learner
 from nvflare.app_common.app_constant import AppConstants, ValidateType
 from nvflare.app_common.tracking.log_writer import LogWriter
+from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
 
 from fedseg3d.data.datalist import load_datalist
 from fedseg3d.data.errors import DataError
@@ -120,6 +121,8 @@ class SegmentationLearner(Learner):
             device=site_config.device,
             skip_bad_cases=site_config.skip_bad_cases,
             dp_sgd=self.dp_sgd,
+            # FedProx: FLARE's own proximal term (mu/2 * sum of squared parameter differences to the round's start).
+            proximal_loss=PTFedProxLoss(mu=self.training.fedprox_mu) if self.training.fedprox_mu > 0 else None,
         )
 
     def _not_ready(self, fl_ctx: FLContext) -> Shareable | None:
