@@ -10,9 +10,17 @@ JOB ?= unet3d_fedbn
 ROUNDS ?= 20
 LOCAL_EPOCHS ?= 4
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
+EPSILON_BUDGET ?= 50
+PROVISION ?= build/provision
+DEPLOY_WORKSPACE ?= build/deploy-local
+DEPLOY_ROUNDS ?= 2
+DEPLOY_PORT ?=
+SITE ?=
+ORG ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install data jobs sim poc test test-unit test-e2e test-poc lint format clean bench-compression
+.PHONY: help install data jobs sim poc test test-unit test-e2e test-poc lint format clean provision add-site deploy-local test-deploy audit bench-privacy bench bench-quick bench-compression
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -32,10 +40,17 @@ data: install ## write the synthetic multi-site data set (SITES, SEED, DATA)
 jobs: install ## assemble runnable jobs (config + package) into build/jobs
 	$(PY) -m fedseg3d.tools.build_jobs --out build/jobs
 
-sim: data ## run JOB in the FLARE simulator on 2 sites
+sim: data ## run JOB in the FLARE simulator on 2 sites (DP jobs: budgets in WORKSPACE/privacy, EPSILON_BUDGET)
 	$(PY) -m fedseg3d.tools.build_jobs --out build/jobs --job $(JOB) --set sites_per_round=2 --min-clients 2
-	$(PY) -m fedseg3d.tools.simulate build/jobs/$(JOB) --sites-root $(DATA) --sites site-1,site-2 --workspace $(WORKSPACE)/sim/$(JOB)
+	$(PY) -m fedseg3d.tools.simulate build/jobs/$(JOB) --sites-root $(DATA) --sites site-1,site-2 --workspace $(WORKSPACE)/sim/$(JOB) \
+		--privacy-dir $(WORKSPACE)/privacy --default-budget $(EPSILON_BUDGET)
 	$(PY) -m fedseg3d.tools.report $(WORKSPACE)/sim/$(JOB)
+
+audit: install ## membership-inference audit of the last `make sim` run of JOB (docs/privacy_audit.md)
+	$(PY) -m fedseg3d.tools.privacy_audit --run-dir $(WORKSPACE)/sim/$(JOB) --sites-root $(DATA)
+
+bench-privacy: install ## Dice vs epsilon vs attack AUC of the DP jobs, writes docs/privacy_benchmark.md (~20 min; BENCH_ARGS=--quick)
+	$(PY) benchmarks/privacy_tradeoff.py $(BENCH_ARGS)
 
 poc: data ## the main command: POC federation of SITES sites running JOB, live progress, Dice table
 	$(PY) poc/run_poc.py --job $(JOB) --data $(DATA) --workspace $(abspath $(WORKSPACE))/poc \
@@ -46,6 +61,26 @@ test: install ## the test command: unit tests, simulator end-to-end runs and one
 
 test-unit: install ## unit tests only (seconds)
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+provision: install ## signed mTLS startup kits for provisioning/project.yml in PROVISION, site policies in local/
+	$(PY) -m deploy.kits provision --workspace $(PROVISION)
+
+add-site: install ## one more hospital with the existing root CA: make add-site SITE=site-5 ORG=hospital_e
+	$(PY) -m deploy.kits add-site --name $(SITE) --org $(ORG) --workspace $(PROVISION)
+
+deploy-local: data ## provisioned kits on localhost: server + SITES sites, JOB submitted via the admin API (DEPLOY_ROUNDS)
+	$(PY) -m deploy.local --sites $(SITES) --data $(DATA) --workspace $(DEPLOY_WORKSPACE) --job $(JOB) \
+		--set num_rounds=$(DEPLOY_ROUNDS) --set local_epochs=$(LOCAL_EPOCHS) $(if $(DEPLOY_PORT),--port $(DEPLOY_PORT))
+
+test-deploy: install ## provisioned-kit deployment and security tests on a free port (about 1.5 min)
+	$(PY) -m pytest -q tests/deploy $(PYTEST_ARGS)
+
+BENCH_MODE ?= full
+bench: install ## benchmark: local-only, pooled, FedAvg, FedProx, FedBN, POC cost; report (BENCH_MODE=full|quick)
+	$(PY) -m benchmarks.run --mode $(BENCH_MODE)
+
+bench-quick: install ## the benchmark's quick mode (2 sites, 2 rounds, tiny volumes; report under workspace/bench)
+	$(PY) -m benchmarks.run --mode quick
 
 lint: install ## ruff check and format check
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

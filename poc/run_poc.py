@@ -8,7 +8,7 @@ or an error, checking afterwards that no POC process is left and the port is fre
 
 Usage:
     python poc/run_poc.py [--job unet3d_fedbn] [--sites 4] [--data data/synthetic] [--workspace workspace/poc]
-        [--set num_rounds=10 ...] [--timeout 900] [--keep-running]
+        [--set num_rounds=10 ...] [--timeout 900] [--keep-running] [--privacy-budget 50]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "custom"))
 
 from fedseg3d.data.site_config import SITE_CONFIG_FILENAME  # noqa: E402
+from fedseg3d.privacy.site_budget import write_site_budget  # noqa: E402
 from fedseg3d.tools.build_jobs import build_jobs  # noqa: E402
 from fedseg3d.tools.report import report  # noqa: E402
 
@@ -116,8 +117,16 @@ def prepare(
     sites: list[str],
     project_file: Path = PROJECT_FILE,
     threads_per_site: int = 1,
+    privacy_budget: float = 50.0,
+    privacy_delta: float = 1e-5,
 ) -> None:
-    """``nvflare poc prepare -i project.yml`` and write each started site's data config into its ``local/``."""
+    """``nvflare poc prepare -i project.yml`` and write each started site's data config and privacy budget into its
+    ``local/``.
+
+    In production a site's privacy budget is its own decision (hospital IT writes ``local/privacy_budget.json``); in
+    POC this runner plays every site's IT, so it writes one budget for all of them. ``poc prepare --force`` starts
+    from empty site folders, so each POC run also starts with empty privacy ledgers.
+    """
     if port_in_use(layout.port):
         raise RuntimeError(f"port {layout.port} is already in use: is another FLARE server running?")
     unknown = set(sites) - set(layout.site_names)
@@ -136,6 +145,7 @@ def prepare(
             "num_threads": threads_per_site,
         }
         (layout.prod_dir / site / "local" / SITE_CONFIG_FILENAME).write_text(json.dumps(config, indent=2) + "\n")
+        write_site_budget(layout.prod_dir / site / "local", privacy_budget, privacy_delta, overwrite=True)
 
 
 def start(layout: PocLayout, sites: list[str], timeout: float = 120) -> None:
@@ -235,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the job")
     parser.add_argument("--threads-per-site", type=int, default=1)
     parser.add_argument("--keep-running", action="store_true", help="leave POC running after the job")
+    parser.add_argument(
+        "--privacy-budget", type=float, default=50.0, help="epsilon budget written to every site (DP jobs charge it)"
+    )
+    parser.add_argument("--privacy-delta", type=float, default=1e-5, help="delta of every site's privacy budget")
     args = parser.parse_args(argv)
 
     from fedseg3d.tools.build_jobs import parse_override
@@ -242,7 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     overrides = dict(parse_override(o) for o in args.overrides)
     layout = load_layout(args.workspace)
     sites = layout.site_names[: args.sites] if args.sites else layout.site_names
-    prepare(layout, args.data, sites, threads_per_site=args.threads_per_site)
+    prepare(
+        layout,
+        args.data,
+        sites,
+        threads_per_site=args.threads_per_site,
+        privacy_budget=args.privacy_budget,
+        privacy_delta=args.privacy_delta,
+    )
     overrides.setdefault("sites_per_round", len(sites))
     (job_dir,) = build_jobs(REPO / "jobs", args.workspace / "jobs", [args.job], overrides, min_clients=len(sites))
     # SIGTERM (e.g. from a CI runner) takes the same clean-up path as Ctrl-C.

@@ -36,5 +36,7 @@ def test_poc_federation_runs_a_job_submitted_through_the_admin_api(tiny_sites, t
     assert set(matrix) == set(sites)
     site_config = json.loads((layout.prod_dir / "site-1" / "local" / "fedseg3d_site.json").read_text())
     assert Path(site_config["data_root"]) == (tiny_sites / "site-1").resolve()
+    budget = json.loads((layout.prod_dir / "site-1" / "local" / "privacy_budget.json").read_text())
+    assert budget["epsilon_budget"] == 50.0 and budget["delta"] == 1e-5
     assert not poc_processes(layout.workspace), "POC processes left running"
     assert not port_in_use(layout.port)

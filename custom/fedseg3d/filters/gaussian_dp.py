@@ -51,7 +51,6 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-import os
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -59,15 +58,19 @@ from pathlib import Path
 import numpy as np
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.filter import Filter
-from nvflare.apis.fl_constant import FLMetaKey, ReturnCode
+from nvflare.apis.fl_constant import FLContextKey, FLMetaKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 
 from fedseg3d.privacy.accounting import ACCOUNTANTS, SITE_UPDATE, Mechanism, epsilon_for, site_update_mechanism
-from fedseg3d.privacy.ledger import BUDGET_FILE_NAME, PrivacyLedger, SiteBudget, SpendEntry, load_site_privacy_budget
+from fedseg3d.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger, SiteBudget, SpendEntry
+from fedseg3d.privacy.record import META_DELTA, META_EPSILON, META_SCOPE, META_UNIT
+from fedseg3d.privacy.site_budget import PRIVACY_DIR_ENV, find_site_budget, where_looked
 
-PRIVACY_DIR_ENV = "FEDSEG3D_PRIVACY_DIR"
-META_EPSILON, META_DELTA, META_UNIT, META_SCOPE = "dp_epsilon", "dp_delta", "dp_unit", "dp_scope"
+__all__ = [
+    "META_DELTA", "META_EPSILON", "META_SCOPE", "META_UNIT", "PRIVACY_DIR_ENV",
+    "GaussianDPFilter", "check_update", "clip_and_noise", "global_l2_norm",
+]  # fmt: skip
 NEIGHBOURING = {"add_remove": 1.0, "replace": 2.0}  # sensitivity in units of clip_norm
 # Clip slightly inside C so that the cast back to float32 (relative error <= 2**-24 per element) cannot push the
 # released norm above C. Clipping harder than needed costs nothing in privacy.
@@ -154,6 +157,9 @@ class GaussianDPFilter(Filter):
         pass_data_kinds: DXO kinds to let through unchanged (for instance ``["METRICS"]`` when this filter is in a
             site privacy scope, which applies to every task). They are not covered by the DP guarantee. Weight
             kinds may not be listed.
+        tb_writer_id: id of a FLARE ``LogWriter`` component (the job's ``TBWriter``) to stream the cumulative
+            ``dp_epsilon`` to the server's TensorBoard after each release; empty (default) to stream nothing. A
+            missing or wrong component is an error at the first release, not silently skipped.
 
     Raises:
         ValueError: any argument out of range.
@@ -170,6 +176,7 @@ class GaussianDPFilter(Filter):
         delta: float = 1e-5,
         accountant: str = "rdp",
         pass_data_kinds: list[str] | None = None,
+        tb_writer_id: str = "",
     ) -> None:
         super().__init__()
         if not _is_real(clip_norm) or not 0 < clip_norm < math.inf:
@@ -204,6 +211,9 @@ class GaussianDPFilter(Filter):
         self.delta = float(delta)
         self.accountant = accountant
         self.pass_data_kinds = frozenset(passed)
+        if not isinstance(tb_writer_id, str):
+            raise ValueError(f"tb_writer_id must be a string, got {tb_writer_id!r}")
+        self.tb_writer_id = tb_writer_id
         self.seeded = seed is not None
         self._rng = np.random.default_rng(seed)
         self._job_history: list[Mechanism] = []
@@ -250,6 +260,7 @@ class GaussianDPFilter(Filter):
             )
         update = check_update(dxo.data)
         budget = self._resolve_budget(fl_ctx)
+        writer = self._tb_writer(fl_ctx)  # before charging: a misconfigured writer must not cost budget
         with self._lock:
             noised, clipped = clip_and_noise(update, self.clip_norm, self.noise_multiplier * self.clip_norm, self._rng)
             epsilon, delta, scope = self._charge(budget, shareable, dxo, fl_ctx)
@@ -263,10 +274,29 @@ class GaussianDPFilter(Filter):
         out.add_filter_history(type(self).__name__)
         self.log_info(
             fl_ctx,
-            f"DP update released: clip_norm={self.clip_norm}, noise_multiplier={self.noise_multiplier}, "
-            f"cumulative epsilon={epsilon:.4g} at delta={delta:g} ({scope})",
+            f"DP update released by {fl_ctx.get_identity_name()}: clip_norm={self.clip_norm}, "
+            f"noise_multiplier={self.noise_multiplier}, cumulative epsilon={epsilon:.4g} at delta={delta:g} "
+            f"(unit: {SITE_UPDATE}, {scope})",
         )
+        if writer is not None and math.isfinite(epsilon):
+            # Streamed after the charge, so TensorBoard never shows a release the ledger does not hold.
+            step = _round_of(shareable, dxo, fl_ctx) or 0
+            writer.add_scalar("dp_epsilon_site_update", float(epsilon), global_step=step)
         return out.update_shareable(shareable)
+
+    def _tb_writer(self, fl_ctx: FLContext):
+        """The job's LogWriter named by ``tb_writer_id``, or None when streaming is off.
+
+        Raises:
+            ValueError: ``tb_writer_id`` is set but names no LogWriter component.
+        """
+        if not self.tb_writer_id:
+            return None
+        engine = fl_ctx.get_engine()
+        writer = engine.get_component(self.tb_writer_id) if engine is not None else None
+        if writer is None or not hasattr(writer, "add_scalar"):
+            raise ValueError(f"tb_writer_id '{self.tb_writer_id}' does not name a FLARE LogWriter component")
+        return writer
 
     def _charge(self, budget: SiteBudget | None, shareable: Shareable, dxo: DXO, fl_ctx: FLContext):
         """Record this release and return (cumulative epsilon, delta, scope). Raises before anything is recorded."""
@@ -274,10 +304,9 @@ class GaussianDPFilter(Filter):
         if budget is None:
             self._job_history.append(mechanism)
             return epsilon_for(self._job_history, self.delta, self.accountant), self.delta, "job"
-        current_round = shareable.get_header(FLMetaKey.CURRENT_ROUND, dxo.get_meta_prop(FLMetaKey.CURRENT_ROUND))
         entry = SpendEntry(
             job_id=str(fl_ctx.get_job_id() or "unknown"),
-            round=current_round if isinstance(current_round, int) and not isinstance(current_round, bool) else None,
+            round=_round_of(shareable, dxo, fl_ctx),
             unit=SITE_UPDATE,
             noise_multiplier=mechanism.noise_multiplier,
             sample_rate=mechanism.sample_rate,
@@ -291,24 +320,27 @@ class GaussianDPFilter(Filter):
             },
         )
         ledger = PrivacyLedger(budget.ledger_file, accountant=budget.accountant)
-        epsilon = ledger.charge(entry, budget_epsilon=budget.epsilon_budget, delta=budget.delta)
+        try:
+            epsilon = ledger.charge(entry, budget_epsilon=budget.epsilon_budget, delta=budget.delta)
+        except PrivacyBudgetExceeded as err:
+            # Say which site and which budget file in the site's log; FLARE then sends an empty error reply.
+            which = f"round {entry.round + 1}" if entry.round is not None else "this round"  # 1-based, as site logs
+            self.log_error(
+                fl_ctx,
+                f"site {fl_ctx.get_identity_name()} refuses to send {which}'s update "
+                f"(budget file {budget.source}): {err}",
+                fire_event=False,
+            )
+            raise
         return epsilon, budget.delta, "site_ledger"
 
     def _resolve_budget(self, fl_ctx: FLContext) -> SiteBudget | None:
-        """Find the site's budget file (see module doc for the order) and load it; re-read every round."""
+        """Find the site's budget file (``fedseg3d.privacy.site_budget``) and load it; re-read every round."""
         site_dir = _site_config_dir(fl_ctx)
-        if site_dir is not None and (site_dir / BUDGET_FILE_NAME).is_file():
-            return load_site_privacy_budget(site_dir / BUDGET_FILE_NAME)
-        env_dir = os.environ.get(PRIVACY_DIR_ENV)
-        if env_dir:
-            site = fl_ctx.get_identity_name()
-            if not site or site in (".", "..") or "/" in site or os.sep in site:
-                raise RuntimeError(f"{PRIVACY_DIR_ENV} is set but the site name {site!r} cannot name a folder")
-            path = Path(env_dir) / site / BUDGET_FILE_NAME
-            if not path.is_file():
-                raise FileNotFoundError(f"{PRIVACY_DIR_ENV}={env_dir} is set but {path} does not exist")
-            return load_site_privacy_budget(path)
-        looked = f"{site_dir / BUDGET_FILE_NAME if site_dir else '(no site workspace)'} and ${PRIVACY_DIR_ENV}"
+        budget = find_site_budget(site_dir, fl_ctx.get_identity_name())
+        if budget is not None:
+            return budget
+        looked = where_looked(site_dir)
         if self.require_budget:
             raise RuntimeError(f"require_budget is set but no site privacy budget was found: looked in {looked}")
         if not self._warned_no_budget:
@@ -328,6 +360,19 @@ def _site_config_dir(fl_ctx: FLContext) -> Path | None:
     if engine is None or not hasattr(engine, "get_workspace"):
         return None
     return Path(engine.get_workspace().get_site_config_dir())
+
+
+def _round_of(shareable: Shareable, dxo: DXO, fl_ctx: FLContext) -> int | None:
+    """The round a result belongs to: the result's header, its DXO meta, or the task's header (FLARE's learner
+    executor copies none of these into the reply by itself); None when none holds an int."""
+    candidates = [shareable.get_header(FLMetaKey.CURRENT_ROUND), dxo.get_meta_prop(FLMetaKey.CURRENT_ROUND)]
+    task = fl_ctx.get_prop(FLContextKey.TASK_DATA)
+    if isinstance(task, Shareable):
+        candidates.append(task.get_header(FLMetaKey.CURRENT_ROUND))
+    for value in candidates:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
 
 def _is_real(value: object) -> bool:

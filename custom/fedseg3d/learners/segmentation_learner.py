@@ -20,14 +20,23 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.abstract.learner_spec import Learner
 from nvflare.app_common.app_constant import AppConstants, ValidateType
 from nvflare.app_common.tracking.log_writer import LogWriter
+from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
 
 from fedseg3d.data.datalist import load_datalist
 from fedseg3d.data.errors import DataError
 from fedseg3d.data.site_config import SiteConfig, find_site_config
 from fedseg3d.data.transforms import PreprocessConfig
+from fedseg3d.privacy.accounting import PATIENT, Mechanism, cost_of, epsilon_for
+from fedseg3d.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger, PrivacyLedgerError, SiteBudget, SpendEntry
+from fedseg3d.privacy.record import privacy_meta
+from fedseg3d.privacy.site_budget import find_site_budget, where_looked
+from fedseg3d.training.dpsgd import DPSGDConfig
 from fedseg3d.training.site_trainer import SiteTrainer, TrainingConfig
 
 LOG_EVERY_STEPS = 10
+# Delta reported when a site runs DP-SGD without a budget file (require_privacy_budget=false); a budget's delta wins.
+# The same default as GaussianDPFilter's ``delta``.
+JOB_ONLY_DELTA = 1e-5
 
 
 class SegmentationLearner(Learner):
@@ -39,6 +48,12 @@ class SegmentationLearner(Learner):
         training: the job's training block (see ``TrainingConfig``).
         tb_writer_id: id of a FLARE ``TBWriter`` component that streams metrics to the server's TensorBoard;
             empty to disable.
+        dp_sgd: patient-level DP-SGD (see ``fedseg3d.training.dpsgd.DPSGDConfig``); ``None`` or ``{}`` for plain
+            training. With DP-SGD every round is charged to the site's privacy ledger (unit ``patient``) after
+            training and before the update is returned; a round the budget cannot afford is refused (checked
+            before training too, so no work is wasted) and the site replies with an error, sending nothing.
+        require_privacy_budget: with DP-SGD, refuse to train when the site has no privacy budget file. When
+            false, such a site still trains with DP-SGD and reports the epsilon of this job only.
     """
 
     def __init__(
@@ -47,6 +62,8 @@ class SegmentationLearner(Learner):
         preprocessing: dict[str, Any] | None = None,
         training: dict[str, Any] | None = None,
         tb_writer_id: str = "tb_writer",
+        dp_sgd: dict[str, Any] | None = None,
+        require_privacy_budget: bool = True,
     ) -> None:
         super().__init__()
         # Parse now: a bad job config fails at job start with the field named, not in the middle of round 3.
@@ -56,6 +73,12 @@ class SegmentationLearner(Learner):
         self.preprocessing = PreprocessConfig.from_dict(preprocessing)
         self.training = TrainingConfig(**(training or {}))
         self.tb_writer_id = tb_writer_id
+        self.dp_sgd = DPSGDConfig.from_dict(dp_sgd)
+        if not isinstance(require_privacy_budget, bool):
+            raise ValueError(f"require_privacy_budget must be true or false, got {require_privacy_budget!r}")
+        self.require_privacy_budget = require_privacy_budget
+        self._job_privacy_history: list[Mechanism] = []
+        self._site_config_dir: str | None = None
         self.trainer: SiteTrainer | None = None
         self.setup_error: str | None = None
         self.tb_writer: LogWriter | None = None
@@ -79,6 +102,7 @@ class SegmentationLearner(Learner):
 
     def _make_trainer(self, fl_ctx: FLContext) -> SiteTrainer:
         workspace = fl_ctx.get_engine().get_workspace()
+        self._site_config_dir = workspace.get_site_config_dir()
         site_config = SiteConfig.from_file(
             find_site_config(self.site_name, workspace.get_site_config_dir()), site_name=self.site_name
         )
@@ -96,6 +120,9 @@ class SegmentationLearner(Learner):
             output_dir=output_dir,
             device=site_config.device,
             skip_bad_cases=site_config.skip_bad_cases,
+            dp_sgd=self.dp_sgd,
+            # FedProx: FLARE's own proximal term (mu/2 * sum of squared parameter differences to the round's start).
+            proximal_loss=PTFedProxLoss(mu=self.training.fedprox_mu) if self.training.fedprox_mu > 0 else None,
         )
 
     def _not_ready(self, fl_ctx: FLContext) -> Shareable | None:
@@ -118,6 +145,14 @@ class SegmentationLearner(Learner):
             fl_ctx, f"round {current_round + 1}/{total_rounds}: training on {self.trainer.num_train_cases} cases"
         )
 
+        budget = None
+        if self.dp_sgd is not None:
+            try:
+                budget = self._privacy_budget_or_refuse(current_round)
+            except (PrivacyBudgetExceeded, PrivacyLedgerError, RuntimeError, FileNotFoundError) as err:
+                self.log_error(fl_ctx, f"site {self.site_name} refuses round {current_round + 1}: {err}")
+                return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+
         def progress(step: int, loss: float) -> None:
             if step % LOG_EVERY_STEPS == 0:
                 self.log_info(fl_ctx, f"round {current_round + 1}/{total_rounds} step {step}: loss {loss:.4f}")
@@ -135,14 +170,82 @@ class SegmentationLearner(Learner):
             f"{result.train.steps} steps in {result.train.seconds:.1f} s, "
             f"local val Dice {result.local_eval.mean_dice:.4f} {result.local_eval.class_dice}",
         )
+        meta = {
+            MetaKey.NUM_STEPS_CURRENT_ROUND: result.num_cases,
+            MetaKey.CURRENT_ROUND: current_round,  # lets result filters (the DP ledger) name the round
+            "site_metrics": result.metrics,
+        }
+        if self.dp_sgd is not None:
+            try:
+                meta.update(self._charge_round(budget, result.privacy, current_round, fl_ctx))
+            except (PrivacyBudgetExceeded, PrivacyLedgerError) as err:
+                self.log_error(fl_ctx, f"site {self.site_name} refuses to send round {current_round + 1}: {err}")
+                return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         self._stream(result.metrics, current_round)
         self._stream({"train_cases_per_second": result.num_cases / max(result.train.seconds, 1e-9)}, current_round)
-        dxo = DXO(
-            data_kind=DataKind.WEIGHT_DIFF,
-            data=result.update,
-            meta={MetaKey.NUM_STEPS_CURRENT_ROUND: result.num_cases, "site_metrics": result.metrics},
-        )
+        dxo = DXO(data_kind=DataKind.WEIGHT_DIFF, data=result.update, meta=meta)
         return dxo.to_shareable()
+
+    # ------------------------------------------------------------------------------------------ DP-SGD ledger
+    def _privacy_budget_or_refuse(self, current_round: int) -> SiteBudget | None:
+        """The site's budget, after checking that the coming round fits in it (so a refused round wastes no work).
+
+        Raises:
+            RuntimeError: no budget while ``require_privacy_budget``.
+            PrivacyBudgetExceeded: the planned round would exceed the budget (checked again when charging).
+        """
+        budget = find_site_budget(self._site_config_dir, self.site_name)
+        if budget is None:
+            if self.require_privacy_budget:
+                looked = where_looked(self._site_config_dir)
+                raise RuntimeError(f"DP-SGD needs a site privacy budget and none was found (looked in {looked})")
+            return None
+        planned = self.trainer.planned_privacy()
+        ledger = PrivacyLedger(budget.ledger_file, accountant=budget.accountant)
+        history = [e.mechanism for e in ledger.entries() if e.unit == PATIENT]
+        cost = cost_of(history, planned, budget.delta, budget.accountant)
+        if not cost.epsilon_after <= budget.epsilon_budget:
+            raise PrivacyBudgetExceeded(
+                PATIENT, cost.epsilon_before, cost.epsilon_after, budget.epsilon_budget, budget.delta,
+                f"{budget.ledger_file}; budget file {budget.source}",
+            )  # fmt: skip
+        return budget
+
+    def _charge_round(
+        self, budget: SiteBudget | None, mechanism: Mechanism, current_round: int, fl_ctx: FLContext
+    ) -> dict[str, Any]:
+        """Record this round's DP-SGD release and return the privacy meta for the reply (and log and stream it)."""
+        if budget is None:
+            self._job_privacy_history.append(mechanism)
+            delta = JOB_ONLY_DELTA
+            epsilon, scope = epsilon_for(self._job_privacy_history, delta), "job"
+        else:
+            entry = SpendEntry(
+                job_id=str(fl_ctx.get_job_id() or "unknown"),
+                round=current_round,
+                unit=PATIENT,
+                noise_multiplier=mechanism.noise_multiplier,
+                sample_rate=mechanism.sample_rate,
+                steps=mechanism.steps,
+                details={
+                    "site": self.site_name,
+                    "max_grad_norm": self.dp_sgd.max_grad_norm,
+                    "patients_per_step": self.dp_sgd.patients_per_step,
+                    "patients": self.trainer.num_train_cases,
+                    "learner": type(self).__name__,
+                },
+            )
+            ledger = PrivacyLedger(budget.ledger_file, accountant=budget.accountant)
+            epsilon = ledger.charge(entry, budget_epsilon=budget.epsilon_budget, delta=budget.delta)
+            delta, scope = budget.delta, "site_ledger"
+        self.log_info(
+            fl_ctx,
+            f"DP-SGD round {current_round + 1} charged at {self.site_name}: {mechanism.steps} steps, noise_multiplier="
+            f"{mechanism.noise_multiplier}, sample_rate={mechanism.sample_rate:.4g}; cumulative epsilon={epsilon:.4g} "
+            f"at delta={delta:g} (unit: {PATIENT}, {scope})",
+        )
+        self._stream({"dp_epsilon_patient": epsilon}, current_round)
+        return privacy_meta(epsilon, delta, PATIENT, scope)
 
     def validate(self, data: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         """Dice of a received model on this site's validation cases (with this site's own batch norm in FedBN).

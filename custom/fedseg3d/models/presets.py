@@ -77,9 +77,16 @@ class PresetUNet(UNet):
     with ``{"preset": "unet3d_tiny"}`` keeps the architecture defined in exactly one place.
     """
 
-    def __init__(self, preset: str = "unet3d_tiny", num_classes: int | None = None) -> None:
+    def __init__(self, preset: str = "unet3d_tiny", num_classes: int | None = None, seed: int | None = None) -> None:
         overrides = {} if num_classes is None else {"out_channels": num_classes}
-        super().__init__(**preset_args(preset, **overrides))
+        if seed is None:
+            super().__init__(**preset_args(preset, **overrides))
+        else:
+            # Seeded like SiteTrainer (torch seed, then build), so a benchmark's federated and centralised methods
+            # start from the very same weights; the caller's random state is left as it was.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                super().__init__(**preset_args(preset, **overrides))
         self.preset = preset
 
 

@@ -5,6 +5,12 @@ server actually receive from each site (FedBN promises that batch-norm layers ne
 and what Dice did each site report. It writes one JSON line per accepted contribution to
 ``<run dir>/fedseg3d/contributions.jsonl`` (downloaded with the job's results) and is what the POC runner tails for
 live progress.
+
+Differential privacy: a contribution whose DXO meta carries ``dp_epsilon`` (set at the site by
+``GaussianDPFilter`` or the DP-SGD learner, after the site charged its ledger) also gets a line in
+``<run dir>/fedseg3d/privacy.jsonl``: site, round, cumulative epsilon, delta, the protected unit and whether the
+figure comes from the site's persistent ledger or this job only. The site's ledger stays the authority; this is the
+job's copy of what each site declared.
 """
 
 from __future__ import annotations
@@ -23,8 +29,11 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 
+from fedseg3d.privacy.record import PRIVACY_META
+
 OUTPUT_SUBDIR = "fedseg3d"
 CONTRIBUTIONS_FILE = "contributions.jsonl"
+PRIVACY_FILE = "privacy.jsonl"
 
 
 def _jsonable(value):
@@ -86,5 +95,14 @@ class ContributionLog(Widget):
                 initial_metrics=_jsonable(dxo.get_meta_prop(MetaKey.INITIAL_METRICS)),
                 site_metrics=_jsonable(dxo.get_meta_prop("site_metrics")),
             )
-        with self._lock, self._path.open("a") as stream:
-            stream.write(json.dumps(_jsonable(entry)) + "\n")
+            privacy = {name: dxo.get_meta_prop(key) for key, name in PRIVACY_META.items()}
+            if privacy["epsilon"] is not None:
+                entry["privacy"] = _jsonable(privacy)
+        with self._lock:
+            with self._path.open("a") as stream:
+                stream.write(json.dumps(_jsonable(entry)) + "\n")
+            if "privacy" in entry:
+                record = {k: entry[k] for k in ("time", "round", "site")} | entry["privacy"]
+                with (self._path.parent / PRIVACY_FILE).open("a") as stream:
+                    # allow_nan: epsilon is infinity when a job deliberately runs without noise; say so, not fail.
+                    stream.write(json.dumps(_jsonable(record)) + "\n")

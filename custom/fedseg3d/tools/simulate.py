@@ -6,6 +6,11 @@ Usage:
 
 The sites find their data through ``FEDSEG3D_SITES_ROOT`` (``<root>/<site>/site.json``), since simulated sites have
 no ``local/`` folder of their own.
+
+Privacy budgets (DP jobs): simulated site workspaces are thrown away after each run, but a privacy budget must outlive
+jobs. ``--privacy-dir DIR`` sets ``FEDSEG3D_PRIVACY_DIR`` so each site reads ``DIR/<site>/privacy_budget.json`` and
+keeps its ledger beside it across runs. ``--default-budget EPSILON`` stands in for the site admin: it writes that
+budget for sites that have none yet (an existing budget file is never changed). Delete ``DIR`` to start afresh.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import sys
 from pathlib import Path
 
 from fedseg3d.data.site_config import SITES_ROOT_ENV
+from fedseg3d.privacy.site_budget import PRIVACY_DIR_ENV, write_site_budget
 
 
 def simulator_command(job_dir: Path, workspace: Path, sites: list[str], threads: int) -> list[str]:
@@ -33,9 +39,15 @@ def run_simulation(
     sites: list[str],
     threads: int | None = None,
     timeout: float | None = None,
+    privacy_dir: Path | None = None,
 ) -> int:
-    """Run the simulator to completion and return its exit code (0 when the job finished)."""
+    """Run the simulator to completion and return its exit code (0 when the job finished).
+
+    ``privacy_dir`` (optional) is exported as ``FEDSEG3D_PRIVACY_DIR``: where the sites' budgets and ledgers live.
+    """
     env = dict(os.environ, **{SITES_ROOT_ENV: str(Path(sites_root).resolve())})
+    if privacy_dir is not None:
+        env[PRIVACY_DIR_ENV] = str(Path(privacy_dir).resolve())
     command = simulator_command(job_dir.resolve(), workspace.resolve(), sites, threads or len(sites))
     completed = subprocess.run(command, env=env, timeout=timeout, check=False)
     return completed.returncode
@@ -48,8 +60,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sites", default="site-1,site-2", help="comma-separated site names")
     parser.add_argument("--workspace", type=Path, default=Path("workspace/sim"))
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--privacy-dir", type=Path, default=None, help="site budgets and ledgers (DP jobs)")
+    parser.add_argument(
+        "--default-budget", type=float, default=None, metavar="EPSILON",
+        help="write this epsilon budget for sites under --privacy-dir that have none (never overwrites)",
+    )  # fmt: skip
+    parser.add_argument("--default-delta", type=float, default=1e-5, help="delta of budgets --default-budget writes")
     args = parser.parse_args(argv)
-    code = run_simulation(args.job_dir, args.workspace, args.sites_root, args.sites.split(","), args.threads)
+    sites = args.sites.split(",")
+    if args.default_budget is not None:
+        if args.privacy_dir is None:
+            parser.error("--default-budget needs --privacy-dir")
+        for site in sites:
+            path = write_site_budget(args.privacy_dir / site, args.default_budget, args.default_delta)
+            print(f"{site}: privacy budget {path}")
+    code = run_simulation(
+        args.job_dir, args.workspace, args.sites_root, sites, args.threads, privacy_dir=args.privacy_dir
+    )
     raise SystemExit(code)
 
 

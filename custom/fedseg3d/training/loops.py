@@ -59,8 +59,12 @@ def train_local(
     should_stop: Callable[[], bool] = lambda: False,
     loss_fn: torch.nn.Module | None = None,
     progress: Callable[[int, float], None] | None = None,
+    regulariser: Callable[[torch.nn.Module], torch.Tensor] | None = None,
 ) -> TrainStats:
     """Train for ``epochs`` passes over ``loader``, or exactly ``max_steps`` steps when that is positive.
+
+    ``regulariser(model)`` is added to the loss of every step when given (FedProx's proximal term); the reported
+    ``mean_loss`` is the task loss alone, so it stays comparable between methods.
 
     Raises:
         FloatingPointError: the loss became NaN or infinite (a diverged site must not send garbage).
@@ -81,7 +85,8 @@ def train_local(
                 loss = loss_fn(model(images), labels)
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"training loss is {loss.item()} at step {steps}: local training diverged")
-            scaler.scale(loss).backward()
+            total = loss if regulariser is None else loss + regulariser(model)
+            scaler.scale(total).backward()
             scaler.step(optimizer)
             scaler.update()
             steps += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,9 @@ from fedseg3d.data.dataset import CasePreparer, PreparedCases, make_train_loader
 from fedseg3d.data.transforms import PreprocessConfig
 from fedseg3d.models.local_state import load_shared_state, shared_state_numpy, split_local_state
 from fedseg3d.models.presets import build_model, count_parameters
+from fedseg3d.privacy.accounting import Mechanism
 from fedseg3d.training.device import resolve_device, use_mixed_precision
+from fedseg3d.training.dpsgd import DPSGDConfig, check_model_supports_dpsgd, train_dpsgd
 from fedseg3d.training.loops import EvalResult, TrainStats, evaluate, train_local
 
 logger = logging.getLogger(__name__)
@@ -42,6 +45,9 @@ class TrainingConfig:
         weight_decay: Adam weight decay.
         amp: use mixed precision when training on a GPU (ignored on CPU).
         seed: seeds weights-independent randomness (patch sampling, augmentation, shuffling).
+        fedprox_mu: FedProx (Li et al., MLSys 2020) proximal weight: ``mu/2 * ||w - w_global||^2`` is added to
+            the local loss; 0 disables it. The term itself is given to ``SiteTrainer`` (the FLARE learner passes
+            FLARE's ``PTFedProxLoss``), which keeps this package free of nvflare.
     """
 
     model_preset: str = "unet3d_tiny"
@@ -53,6 +59,7 @@ class TrainingConfig:
     weight_decay: float = 1e-5
     amp: bool = True
     seed: int = 0
+    fedprox_mu: float = 0.0
 
     def __post_init__(self) -> None:
         if self.local_epochs < 1 and self.local_steps < 1:
@@ -61,6 +68,8 @@ class TrainingConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not (isinstance(self.fedprox_mu, int | float) and self.fedprox_mu >= 0):
+            raise ValueError(f"fedprox_mu must be a number >= 0, got {self.fedprox_mu!r}")
 
 
 @dataclass
@@ -72,6 +81,7 @@ class RoundResult:
     train: TrainStats
     local_eval: EvalResult
     metrics: dict[str, float] = field(default_factory=dict)
+    privacy: Mechanism | None = None  # DP-SGD only: what this round released, for the site's privacy ledger
 
 
 class SiteTrainer:
@@ -86,6 +96,12 @@ class SiteTrainer:
         output_dir: where this site writes its own checkpoints (``local_model.pt``, ``best_local_model.pt``).
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         skip_bad_cases: skip cases that fail the data checks (with a warning) instead of failing.
+        dp_sgd: train with patient-level DP-SGD (``fedseg3d.training.dpsgd``) instead of the plain loop.
+        proximal_loss: FedProx's term, a module called as ``proximal_loss(model, global_model)`` (FLARE's
+            ``PTFedProxLoss`` has this signature); required when ``training.fedprox_mu > 0``.
+
+    Raises:
+        ValueError: ``fedprox_mu > 0`` without a ``proximal_loss``, or together with ``dp_sgd``.
     """
 
     def __init__(
@@ -98,7 +114,15 @@ class SiteTrainer:
         output_dir: Path,
         device: str = "auto",
         skip_bad_cases: bool = False,
+        dp_sgd: DPSGDConfig | None = None,
+        proximal_loss: torch.nn.Module | None = None,
     ) -> None:
+        if training.fedprox_mu > 0 and proximal_loss is None:
+            raise ValueError(f"training.fedprox_mu is {training.fedprox_mu} but no proximal_loss was given")
+        if training.fedprox_mu > 0 and dp_sgd is not None:
+            # Opacus clips per-sample gradients of the data loss only; a proximal term would bypass its accounting.
+            raise ValueError("training.fedprox_mu > 0 cannot be combined with dp_sgd")
+        self.proximal_loss = proximal_loss if training.fedprox_mu > 0 else None
         self.site_name = site_name
         self.class_names = dict(sorted(class_names.items()))
         self.preprocessing = preprocessing
@@ -109,6 +133,9 @@ class SiteTrainer:
         set_determinism(seed=training.seed)
         self.model = build_model(training.model_preset, out_channels=len(self.class_names)).to(self.device)
         self.split = split_local_state(self.model, keep_batchnorm_local=training.keep_batchnorm_local)
+        self.dp_sgd = dp_sgd
+        if dp_sgd is not None:
+            check_model_supports_dpsgd(self.model, training.model_preset)
         preparer = CasePreparer(preprocessing, num_classes=len(self.class_names))
         self.train_cases: PreparedCases = prepare_cases(datalist.training, preparer, skip_bad_cases, "training")
         self.val_cases: PreparedCases = prepare_cases(datalist.validation, preparer, skip_bad_cases, "validation")
@@ -150,16 +177,73 @@ class SiteTrainer:
         if ignored:
             logger.debug("%s: kept %d local key(s) instead of the global values", self.site_name, len(ignored))
         start = shared_state_numpy(self.model, self.split)
+        optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=self.training.learning_rate, weight_decay=self.training.weight_decay
+        )
+        mechanism = None
+        if self.dp_sgd is not None:
+            stats, mechanism, _ = train_dpsgd(
+                self.model,
+                self.train_cases.items,
+                self.preprocessing,
+                self.dp_sgd,
+                optimizer,
+                self.device,
+                seed=self.training.seed + current_round,
+                should_stop=should_stop,
+                progress=progress,
+            )
+        else:
+            stats = self._train_plain(optimizer, current_round, should_stop, progress)
+        eval_started = time.perf_counter()
+        local_eval = self._evaluate(self.model, should_stop)
+        eval_seconds = time.perf_counter() - eval_started
+        self._save_checkpoints(local_eval, current_round)
+        end = shared_state_numpy(self.model, self.split)
+        update = {key: end[key] - start[key] for key in self.split.shared}
+        bad = [key for key, value in update.items() if not np.isfinite(value).all()]
+        if bad:
+            raise FloatingPointError(f"{self.site_name}: update has non-finite values in {bad[:3]}; not sending it")
+        self.rounds_done += 1
+        metrics = {
+            "train_loss": stats.mean_loss,
+            **local_eval.as_metrics("local_val_"),
+            **self.cost_metrics(stats),
+            "local_eval_seconds": eval_seconds,
+        }
+        return RoundResult(
+            update=update,
+            num_cases=self.num_train_cases,
+            train=stats,
+            local_eval=local_eval,
+            metrics=metrics,
+            privacy=mechanism,
+        )
+
+    def planned_privacy(self) -> Mechanism | None:
+        """What one DP-SGD round will release (None without DP-SGD), to check the budget before training."""
+        if self.dp_sgd is None:
+            return None
+        return self.dp_sgd.mechanism(self.num_train_cases, self.dp_sgd.steps_for(self.num_train_cases))
+
+    def _train_plain(self, optimizer: torch.optim.Optimizer, current_round: int, should_stop, progress) -> TrainStats:
+        regulariser = None
+        if self.proximal_loss is not None:
+            # The proximal term pulls towards the weights this round started from (the global model + local BN).
+            anchor = copy.deepcopy(self.model)
+            anchor.requires_grad_(False)
+            proximal_loss = self.proximal_loss
+
+            def regulariser(model: torch.nn.Module) -> torch.Tensor:
+                return proximal_loss(model, anchor)
+
         loader = make_train_loader(
             self.train_cases.items,
             self.preprocessing,
             self.training.batch_size,
             seed=self.training.seed + current_round,
         )
-        optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=self.training.learning_rate, weight_decay=self.training.weight_decay
-        )
-        stats = train_local(
+        return train_local(
             self.model,
             loader,
             optimizer,
@@ -169,19 +253,20 @@ class SiteTrainer:
             amp=self.amp,
             should_stop=should_stop,
             progress=progress,
+            regulariser=regulariser,
         )
-        local_eval = self._evaluate(self.model, should_stop)
-        self._save_checkpoints(local_eval, current_round)
-        end = shared_state_numpy(self.model, self.split)
-        update = {key: end[key] - start[key] for key in self.split.shared}
-        bad = [key for key, value in update.items() if not np.isfinite(value).all()]
-        if bad:
-            raise FloatingPointError(f"{self.site_name}: update has non-finite values in {bad[:3]}; not sending it")
-        self.rounds_done += 1
-        metrics = {"train_loss": stats.mean_loss, **local_eval.as_metrics("local_val_")}
-        return RoundResult(
-            update=update, num_cases=self.num_train_cases, train=stats, local_eval=local_eval, metrics=metrics
-        )
+
+    def cost_metrics(self, stats: TrainStats) -> dict[str, float]:
+        """Pure local training time and work of a round, for the benchmark's throughput and overhead figures.
+
+        A "case" is one pass over a volume: ``samples_per_volume`` patches.
+        """
+        return {
+            "train_seconds": stats.seconds,
+            "train_patches": float(stats.patches),
+            "train_cases": stats.patches / self.preprocessing.samples_per_volume,
+            "train_voxels": float(stats.patches * math.prod(self.preprocessing.roi_size)),
+        }
 
     def shared_weights(self) -> dict[str, np.ndarray]:
         """The shared part of this site's current model, for cross-site evaluation: local batch norm stays home."""

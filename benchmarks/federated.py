@@ -1,0 +1,203 @@
+"""Build a federated job for the benchmark, run it for real (FLARE simulator), and read back what it measured.
+
+The benchmark seeds the server's initial model with its ``--seed`` and adds one probe to the built copy of each job
+(never to the committed job): FLARE's filter chain gets
+``fedseg3d.filters.message_size.MessageSizeRecorder`` last on the site's results (bytes site -> server) and on the
+server's task data (bytes server -> site), so byte figures are of serialised messages, after any quantiser.
+Everything else comes from files the job writes anyway: the cross-site matrix and ``contributions.jsonl`` (global
+model Dice before each round, the site's pure training time and work in ``site_metrics``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.config import JOBS_DIR, BenchConfig
+from fedseg3d.data.site_config import SITES_ROOT_ENV
+from fedseg3d.tools.build_jobs import build_jobs
+from fedseg3d.tools.simulate import simulator_command
+
+RECORDER = "fedseg3d.filters.message_size.MessageSizeRecorder"
+BYTES_FILES = {"site_to_server": "bench_bytes_up.jsonl", "server_to_site": "bench_bytes_down.jsonl"}
+GLOBAL = "global"
+KEY_METRIC = "val_mean_dice"
+
+
+@dataclass
+class FederatedResult:
+    """What one federated run measured.
+
+    Attributes:
+        per_round: rounds completed (0 = initial model) -> site -> Dice of the global model at that site.
+        matrix: evaluating site -> model owner (a site, or ``global`` for the final global model) -> Dice.
+        rounds: one dict per (round, site) contribution: time, train_seconds, train_cases, train_voxels, ...
+        bytes_per_round: direction -> round -> bytes summed over sites.
+        epsilon: site -> the largest privacy epsilon the site reported (DP jobs only).
+        wall_seconds: the whole run (simulator process, or POC submission to completion).
+    """
+
+    job: str
+    per_round: dict[int, dict[str, float]] = field(default_factory=dict)
+    matrix: dict[str, dict[str, float]] = field(default_factory=dict)
+    rounds: list[dict] = field(default_factory=list)
+    bytes_per_round: dict[str, dict[int, int]] = field(default_factory=dict)
+    epsilon: dict[str, float] = field(default_factory=dict)
+    wall_seconds: float = math.nan
+
+
+def _append_filter(config: dict, chain: str, entry: dict) -> None:
+    """Put ``entry`` last in the chain for the ``train`` task (after a job's own filters, e.g. a quantiser)."""
+    chains = config.setdefault(chain, [])
+    for item in chains:
+        if "train" in item.get("tasks", []):
+            item.setdefault("filters", []).append(entry)
+            return
+    chains.append({"tasks": ["train"], "filters": [entry]})
+
+
+def add_byte_probes(job_dir: Path) -> None:
+    """Add the two ``MessageSizeRecorder`` probes to a built job's config files (see the module docstring)."""
+    config_dir = job_dir / "app" / "config"
+    for filename, chain, direction in (
+        ("config_fed_client.json", "task_result_filters", "site_to_server"),
+        ("config_fed_server.json", "task_data_filters", "server_to_site"),
+    ):
+        path = config_dir / filename
+        config = json.loads(path.read_text())
+        args = {"direction": direction, "output_file": BYTES_FILES[direction]}
+        _append_filter(config, chain, {"path": RECORDER, "args": args})
+        path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def seed_initial_model(job_dir: Path, seed: int) -> None:
+    """Give the server persistor's ``PresetUNet`` the benchmark's seed: every method starts from the same weights
+    (the ones ``SiteTrainer`` builds from that seed for local-only and pooled)."""
+    path = job_dir / "app" / "config" / "config_fed_server.json"
+    config = json.loads(path.read_text())
+    models = [
+        c["args"]["model"] for c in config.get("components", []) if isinstance(c.get("args", {}).get("model"), dict)
+    ]
+    presets = [m for m in models if m.get("path", "").endswith("PresetUNet")]
+    if not presets:
+        raise ValueError(f"{path}: no persistor with a fedseg3d PresetUNet model to seed")
+    for model in presets:
+        model.setdefault("args", {})["seed"] = seed
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def build_bench_job(cfg: BenchConfig, job: str, out_dir: Path) -> Path:
+    """The committed job with this benchmark's rounds, epochs, seed and sites, plus the byte probes."""
+    overrides = {
+        "num_rounds": cfg.rounds,
+        "local_epochs": cfg.local_epochs,
+        "local_steps": 0,
+        "seed": cfg.seed,
+        "sites_per_round": cfg.sites,
+        "min_sites_per_round": cfg.sites,
+    }
+    (job_dir,) = build_jobs(JOBS_DIR, out_dir, [job], overrides, min_clients=cfg.sites)
+    add_byte_probes(job_dir)
+    seed_initial_model(job_dir, cfg.seed)
+    return job_dir
+
+
+def run_simulated(cfg: BenchConfig, job: str, sites_root: Path, work_dir: Path, timeout: float) -> FederatedResult:
+    """Run ``job`` in the FLARE simulator (one thread per site) and parse its outputs.
+
+    Raises:
+        RuntimeError: the simulator failed.
+    """
+    job_dir = build_bench_job(cfg, job, work_dir / "jobs")
+    workspace = work_dir / "sim" / job
+    workspace.mkdir(parents=True, exist_ok=True)
+    log_path = workspace.parent / f"{job}.log"
+    env = dict(os.environ, **{SITES_ROOT_ENV: str(sites_root.resolve())})
+    command = simulator_command(job_dir.resolve(), workspace.resolve(), cfg.site_names, len(cfg.site_names))
+    started = time.perf_counter()
+    # The simulator's console output goes to a log file: the benchmark prints its own progress and tables.
+    with log_path.open("w") as log_file:
+        code = subprocess.run(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, timeout=timeout).returncode
+    if code != 0:
+        raise RuntimeError(f"simulator run of {job} exited with {code}; see {log_path}")
+    server_run = workspace / "server" / "simulate_job"
+    site_runs = {site: workspace / site / "simulate_job" for site in cfg.site_names}
+    result = parse_run(job, server_run, site_runs)
+    result.wall_seconds = time.perf_counter() - started
+    return result
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def parse_run(job: str, server_run: Path, site_runs: dict[str, Path]) -> FederatedResult:
+    """Read a finished run's server folder (cross-site matrix, contributions) and the sites' byte records.
+
+    Raises:
+        FileNotFoundError: the cross-site matrix or the contribution log is missing (the job did not finish).
+    """
+    result = FederatedResult(job=job)
+    matrix_path = server_run / "cross_site_val" / "cross_val_results.json"
+    contributions_path = server_run / "fedseg3d" / "contributions.jsonl"
+    for path in (matrix_path, contributions_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: the {job} run did not finish")
+    for site, scores in json.loads(matrix_path.read_text()).items():
+        result.matrix[site] = {
+            (GLOBAL if owner == "SRV_FL_global_model.pt" else owner): metrics[KEY_METRIC]
+            for owner, metrics in scores.items()
+            if owner != "SRV_best_FL_global_model.pt"
+        }
+    contributions = _read_jsonl(contributions_path)
+    last_round = -1
+    for entry in contributions:
+        if entry.get("return_code") != "OK":
+            continue
+        r, site = int(entry["round"]), entry["site"]
+        last_round = max(last_round, r)
+        initial = (entry.get("initial_metrics") or {}).get(KEY_METRIC)
+        if initial is not None:
+            result.per_round.setdefault(r, {})[site] = float(initial)
+        metrics = entry.get("site_metrics") or {}
+        result.rounds.append({"round": r, "site": site, "time": entry["time"], "array_bytes": entry.get("array_bytes"),
+                              **{k: v for k, v in metrics.items() if isinstance(v, int | float)}})  # fmt: skip
+        for key, value in metrics.items():
+            if "epsilon" in key and isinstance(value, int | float):
+                result.epsilon[site] = max(result.epsilon.get(site, 0.0), float(value))
+    result.per_round[last_round + 1] = {site: scores[GLOBAL] for site, scores in result.matrix.items()}
+    result.bytes_per_round = _bytes_per_round(server_run, site_runs, result.rounds)
+    return result
+
+
+def _bytes_per_round(server_run: Path, site_runs: dict[str, Path], rounds: list[dict]) -> dict[str, dict[int, int]]:
+    """Serialised bytes per round and direction from the probes; array bytes of the contributions as a fallback."""
+    up = []
+    for run in site_runs.values():
+        # A site's result carries no round header, so the recorder logs round None there: the k-th train result a
+        # site sends is round k (the probe sits on the train task only).
+        for index, entry in enumerate(_read_jsonl(run / "fedseg3d" / BYTES_FILES["site_to_server"])):
+            up.append(dict(entry, round=entry["round"] if isinstance(entry.get("round"), int) else index))
+    records = {
+        "server_to_site": _read_jsonl(server_run / "fedseg3d" / BYTES_FILES["server_to_site"]),
+        "site_to_server": up,
+    }
+    totals: dict[str, dict[int, int]] = {}
+    for direction, entries in records.items():
+        per_round: dict[int, int] = defaultdict(int)
+        for entry in entries:
+            if isinstance(entry.get("round"), int):
+                per_round[entry["round"]] += int(entry["bytes"])
+        totals[direction] = dict(sorted(per_round.items()))
+    if not totals["site_to_server"]:
+        fallback: dict[int, int] = defaultdict(int)
+        for row in rounds:
+            fallback[row["round"]] += int(row.get("array_bytes") or 0)
+        totals["site_to_server_array_bytes_only"] = dict(sorted(fallback.items()))
+    return totals

@@ -1,0 +1,277 @@
+"""Patient-level DP-SGD for one site's local training, with Opacus (Abadi et al., CCS 2016).
+
+The unit protected is ONE PATIENT (one training case): the site's released update is (epsilon, delta)-DP with
+respect to adding or removing any one patient's volume. Two things make the clipped unit a patient, not a patch:
+
+* One patch per patient per step. The ordinary loader draws ``samples_per_volume`` patches from every volume; if
+  two patches of the same patient sat in one batch, Opacus would clip each to ``max_grad_norm`` and the patient's
+  contribution could reach twice that. Here the dataset has exactly one element per patient, and each draw of that
+  element crops a single random patch (``samples_per_volume`` is forced to 1), so a patient contributes at most one
+  per-sample gradient to a step.
+* Poisson sampling of patients. Opacus's ``DPDataLoader`` includes every patient in a step independently with
+  probability ``q = patients_per_step / n_patients``; that is the sampling the accountant assumes
+  (``fedseg3d.privacy.accounting.patient_dpsgd_mechanism``). A step whose sample is empty still adds noise and
+  counts as a step, as the analysis requires.
+
+Opacus pieces used as they are: ``ModuleValidator`` (refuses batch norm, which mixes samples), ``GradSampleModule``
+(per-sample gradients, covering MONAI's Conv3d / ConvTranspose3d / InstanceNorm3d / PReLU), ``DPOptimizer``
+(per-sample clipping and Gaussian noise) and an ``RDPAccountant`` attached as the optimizer's step hook. They are
+assembled directly instead of through ``PrivacyEngine.make_private`` because ``make_private`` takes the sample rate
+as ``1 / len(data_loader)``, which differs from ``patients_per_step / n_patients`` when the division is not exact;
+the accountant must be told the rate the sampler really uses.
+
+Why not ``ModuleValidator.fix``: it would swap batch norm for group norm at the site only, so the site's network
+would no longer match the server's. The job must name a preset without batch norm (``unet3d_tiny_instancenorm``).
+
+Not covered: the per-round metrics the learner reports (loss, validation Dice on the site's validation cases), and
+the number of training cases used to weight the average. Noise comes from torch's generator unless
+``secure_mode`` (Opacus's cryptographically secure RNG; needs the ``torchcsprng`` package).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from monai.data import Dataset, list_data_collate
+from opacus import GradSampleModule
+from opacus.accountants import RDPAccountant
+from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+
+from fedseg3d.data.transforms import PreprocessConfig, train_augment_transform
+from fedseg3d.privacy.accounting import Mechanism, patient_dpsgd_mechanism
+from fedseg3d.training.loops import TrainStats, make_loss
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DPSGDConfig:
+    """The job's DP-SGD knobs (the learner's ``dp_sgd`` block).
+
+    Attributes:
+        noise_multiplier: sigma; per-step noise std is ``sigma * max_grad_norm`` on the sum of clipped gradients.
+        max_grad_norm: C, the per-patient (per-sample) gradient clip norm.
+        patients_per_step: expected number of patients per step; the Poisson rate is this over the site's patients.
+        steps_per_round: DP-SGD steps per round; 0 means one expected pass over the patients
+            (``ceil(n_patients / patients_per_step)`` steps).
+        secure_mode: draw noise and the Poisson sample from a cryptographically secure generator
+            (``torchcsprng``, as ``opacus.PrivacyEngine(secure_mode=True)`` does) and use Opacus's hardened noise
+            sampling. Refused when the job starts if ``torchcsprng`` is not installed.
+    """
+
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    patients_per_step: int = 2
+    steps_per_round: int = 0
+    secure_mode: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("noise_multiplier", "max_grad_norm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+                raise ValueError(f"dp_sgd.{name} must be a finite number > 0, got {value!r}")
+        for name, low in (("patients_per_step", 1), ("steps_per_round", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"dp_sgd.{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.secure_mode, bool):
+            raise ValueError(f"dp_sgd.secure_mode must be true or false, got {self.secure_mode!r}")
+        if self.secure_mode:
+            secure_generator()  # fail when the job starts, not in round 1
+
+    @classmethod
+    def from_dict(cls, raw: dict | None) -> DPSGDConfig | None:
+        """Parse the learner's ``dp_sgd`` block; ``None`` or ``{}`` means DP-SGD is off. Unknown keys are errors."""
+        if not raw:
+            return None
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"dp_sgd has unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**raw)
+
+    def steps_for(self, n_patients: int) -> int:
+        """Steps in one round at a site with ``n_patients`` training cases."""
+        return self.steps_per_round or math.ceil(n_patients / self.patients_per_step)
+
+    def mechanism(self, n_patients: int, steps: int) -> Mechanism:
+        """What ``steps`` steps at a site of ``n_patients`` release, for the site ledger.
+
+        Raises:
+            ValueError: ``patients_per_step`` exceeds the site's number of patients.
+        """
+        if self.patients_per_step > n_patients:
+            raise ValueError(
+                f"dp_sgd.patients_per_step ({self.patients_per_step}) exceeds this site's {n_patients} training "
+                f"patient(s); lower it in the job"
+            )
+        return patient_dpsgd_mechanism(self.noise_multiplier, self.patients_per_step, n_patients, steps)
+
+
+class OnePatchPerPatient(Dataset):
+    """One element per patient; each access crops one random patch from that patient's volume.
+
+    Args:
+        items: preprocessed cases (``{"image", "label", ...}``), one per patient.
+        preprocessing: the job's preprocessing; ``samples_per_volume`` is overridden to 1.
+        seed: seeds the random crop and augmentation.
+    """
+
+    def __init__(self, items: list[dict], preprocessing: PreprocessConfig, seed: int) -> None:
+        augment = train_augment_transform(dataclasses.replace(preprocessing, samples_per_volume=1))
+        augment.set_random_state(seed=seed)
+        super().__init__(data=items, transform=augment)
+
+    def __getitem__(self, index):
+        sample = super().__getitem__(index)
+        # RandCropByPosNegLabeld returns a list of num_samples (here 1) crops; unwrap so one index = one patch.
+        # Only the tensors: Opacus builds empty batches by structure and cannot handle the string case id.
+        sample = sample[0] if isinstance(sample, list) else sample
+        return {key: torch.as_tensor(sample[key]) for key in ("image", "label")}
+
+
+def check_model_supports_dpsgd(model: torch.nn.Module, preset: str) -> None:
+    """Refuse models Opacus cannot give correct per-sample gradients for (batch norm mixes the samples).
+
+    Raises:
+        ValueError: naming the preset and Opacus's objections.
+    """
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        first = str(errors[0]).split(". ")[0]  # Opacus's messages run to a paragraph; the first sentence says it
+        raise ValueError(
+            f"model preset '{preset}' cannot be trained with DP-SGD ({len(errors)} Opacus validation error(s), "
+            f"first: {first}); use a preset without batch norm such as 'unet3d_tiny_instancenorm'"
+        )
+
+
+def make_patient_loader(
+    items: list[dict], preprocessing: PreprocessConfig, config: DPSGDConfig, seed: int
+) -> DPDataLoader:
+    """Opacus's Poisson-sampling loader over patients, at rate ``patients_per_step / len(items)``."""
+    config.mechanism(len(items), 1)  # validates patients_per_step against the site's size
+    dataset = OnePatchPerPatient(items, preprocessing, seed)
+    generator = secure_generator() if config.secure_mode else torch.Generator().manual_seed(seed)
+    loader = DPDataLoader(
+        dataset,
+        sample_rate=config.patients_per_step / len(items),
+        collate_fn=list_data_collate,
+        generator=generator,
+        num_workers=0,
+    )
+    # Opacus builds an empty *first* batch from the shapes and dtypes of the elements of dataset[0]; our samples
+    # are dicts, so it iterates their keys and fails (torch.zeros with dtype=str). Without those hints it returns
+    # an empty list, which train_dpsgd handles as a step with nobody sampled.
+    loader.collate_fn.sample_empty_shapes = None
+    loader.collate_fn.dtypes = None
+    return loader
+
+
+def secure_generator() -> torch.Generator:
+    """A generator reading /dev/urandom, from ``torchcsprng`` (the one ``opacus.PrivacyEngine`` uses).
+
+    Raises:
+        RuntimeError: ``torchcsprng`` is not installed.
+    """
+    try:
+        import torchcsprng  # noqa: PLC0415 - optional dependency, only for secure_mode
+    except ImportError as err:
+        raise RuntimeError("dp_sgd.secure_mode needs the torchcsprng package, which is not installed") from err
+    return torchcsprng.create_random_device_generator("/dev/urandom")
+
+
+def _batch_size(batch) -> int:
+    """Patients in a collated batch; Opacus returns an empty list or zero-length tensors for an empty sample."""
+    if isinstance(batch, dict) and torch.is_tensor(batch.get("image")):
+        return int(batch["image"].shape[0])
+    return 0
+
+
+def train_dpsgd(
+    model: torch.nn.Module,
+    items: list[dict],
+    preprocessing: PreprocessConfig,
+    config: DPSGDConfig,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    *,
+    seed: int,
+    should_stop: Callable[[], bool] = lambda: False,
+    progress: Callable[[int, float], None] | None = None,
+) -> tuple[TrainStats, Mechanism, RDPAccountant]:
+    """Run ``config.steps_for(len(items))`` DP-SGD steps on ``model`` in place.
+
+    Returns:
+        Training statistics, the mechanism actually run (steps taken, for the ledger) and the Opacus accountant
+        that watched the optimizer (its history is the same mechanism; tests compare the two).
+
+    Raises:
+        FloatingPointError: the loss became NaN or infinite.
+        ValueError: the model has batch norm, or ``patients_per_step`` exceeds the site's patients.
+    """
+    planned = config.steps_for(len(items))
+    loader = make_patient_loader(items, preprocessing, config, seed)
+    sample_rate = loader.sample_rate
+    grad_module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    dp_optimizer = DPOptimizer(
+        optimizer,
+        noise_multiplier=config.noise_multiplier,
+        max_grad_norm=config.max_grad_norm,
+        expected_batch_size=config.patients_per_step,
+        loss_reduction="mean",
+        generator=secure_generator() if config.secure_mode else None,
+        secure_mode=config.secure_mode,
+    )
+    accountant = RDPAccountant()
+    dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+    loss_fn = make_loss()
+    grad_module.train()
+    started = time.perf_counter()
+    steps, patches, loss_sum, loss_steps = 0, 0, 0.0, 0
+    try:
+        while steps < planned and not should_stop():
+            for batch in loader:
+                if steps >= planned or should_stop():
+                    break
+                dp_optimizer.zero_grad(set_to_none=True)
+                n = _batch_size(batch)
+                if n == 0:
+                    # Nobody sampled: the step still releases noise (and is accounted), with zero gradients.
+                    for p in dp_optimizer.params:
+                        p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+                    loss_value = float("nan")
+                else:
+                    images = torch.as_tensor(batch["image"]).to(device)
+                    labels = torch.as_tensor(batch["label"]).to(device)
+                    loss = loss_fn(grad_module(images), labels)
+                    loss_value = loss.item()
+                    if not math.isfinite(loss_value):
+                        raise FloatingPointError(f"DP-SGD loss is {loss_value} at step {steps}: training diverged")
+                    loss.backward()
+                    loss_sum += loss_value
+                    loss_steps += 1
+                    patches += n
+                dp_optimizer.step()
+                steps += 1
+                if progress is not None and n:
+                    progress(steps, loss_value)
+    finally:
+        grad_module._close()  # remove Opacus hooks and per-sample attributes: the model is used plainly afterwards
+    stats = TrainStats(
+        mean_loss=loss_sum / loss_steps if loss_steps else math.nan,
+        steps=steps,
+        patches=patches,
+        seconds=time.perf_counter() - started,
+    )
+    mechanism = patient_dpsgd_mechanism(config.noise_multiplier, config.patients_per_step, len(items), max(steps, 1))
+    if steps == 0:
+        logger.warning("DP-SGD took no step (stopped before the first); charging one step to be conservative")
+    return stats, mechanism, accountant

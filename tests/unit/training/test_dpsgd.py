@@ -1,0 +1,132 @@
+"""Patient-level DP-SGD: one patch per patient, Poisson sampling, Opacus attached, ledger accounting = Opacus's."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from fedseg3d.data.transforms import PreprocessConfig
+from fedseg3d.models.presets import build_model
+from fedseg3d.privacy.accounting import epsilon_for
+from fedseg3d.training.dpsgd import (
+    DPSGDConfig,
+    OnePatchPerPatient,
+    check_model_supports_dpsgd,
+    make_patient_loader,
+    train_dpsgd,
+)
+
+PREPROCESSING = PreprocessConfig(roi_size=(16, 16, 16), samples_per_volume=4)
+
+
+def patients(n: int, seed: int = 0) -> list[dict]:
+    """``n`` small preprocessed cases (channel-first image and label), as ``prepare_cases`` returns them."""
+    generator = torch.Generator().manual_seed(seed)
+    items = []
+    for index in range(n):
+        image = torch.rand((1, 24, 24, 24), generator=generator)
+        label = torch.zeros((1, 24, 24, 24))
+        label[:, 8:16, 8:16, 8:16] = 1
+        label[:, 10:12, 10:12, 10:12] = 2
+        items.append({"image": image, "label": label, "case_id": f"case_{index:03d}"})
+    return items
+
+
+def test_each_patient_yields_exactly_one_patch_although_samples_per_volume_is_larger():
+    dataset = OnePatchPerPatient(patients(3), PREPROCESSING, seed=0)
+    assert len(dataset) == 3
+    sample = dataset[1]
+    assert set(sample) == {"image", "label"}
+    assert tuple(sample["image"].shape) == (1, 16, 16, 16)  # one patch, not a list of samples_per_volume patches
+
+
+def test_loader_samples_patients_independently_at_the_configured_rate_never_twice_per_step():
+    n, per_step = 10, 3
+    loader = make_patient_loader(patients(n), PREPROCESSING, DPSGDConfig(patients_per_step=per_step), seed=0)
+    assert loader.sample_rate == pytest.approx(per_step / n)
+    sizes = []
+    for _ in range(100):
+        for indices in loader.batch_sampler:
+            assert len(indices) == len(set(indices)), "a patient appears twice in one step"
+            sizes.append(len(indices))
+    mean = sum(sizes) / len(sizes)
+    # Poisson (binomial) sampling: the mean is n*q = 3, the size varies (fixed-size shuffled batches would not).
+    assert abs(mean - per_step) < 0.3
+    assert len(set(sizes)) > 2
+
+
+def test_config_refuses_more_patients_per_step_than_the_site_has_and_bad_values():
+    with pytest.raises(ValueError, match="patients_per_step"):
+        DPSGDConfig(patients_per_step=5).mechanism(n_patients=3, steps=1)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        DPSGDConfig(noise_multiplier=0)
+    with pytest.raises(ValueError, match="unknown field"):
+        DPSGDConfig.from_dict({"noise": 1.0})
+    assert DPSGDConfig.from_dict({}) is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchcsprng") is not None, reason="torchcsprng is installed")
+def test_secure_mode_without_torchcsprng_is_refused_not_silently_insecure():
+    with pytest.raises(RuntimeError, match="torchcsprng"):
+        DPSGDConfig(secure_mode=True)
+    assert DPSGDConfig(patients_per_step=2).steps_for(5) == 3  # one expected pass: ceil(5 / 2)
+
+
+def test_batch_norm_preset_is_refused_and_instance_norm_accepted():
+    with pytest.raises(ValueError, match="unet3d_tiny.*cannot be trained with DP-SGD.*instancenorm"):
+        check_model_supports_dpsgd(build_model("unet3d_tiny"), "unet3d_tiny")
+    check_model_supports_dpsgd(build_model("unet3d_tiny_instancenorm"), "unet3d_tiny_instancenorm")
+
+
+def run(config: DPSGDConfig, n_patients: int = 4, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model("unet3d_tiny_instancenorm")
+    before = copy.deepcopy(model.state_dict())
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    stats, mechanism, accountant = train_dpsgd(
+        model, patients(n_patients), PREPROCESSING, config, optimizer, torch.device("cpu"), seed=seed
+    )
+    return model, before, stats, mechanism, accountant
+
+
+def test_privacy_engine_is_attached_and_ledger_accounting_matches_opacus():
+    config = DPSGDConfig(noise_multiplier=1.3, max_grad_norm=0.5, patients_per_step=1, steps_per_round=6)
+    model, before, stats, mechanism, accountant = run(config, n_patients=4)
+    assert stats.steps == 6
+    assert stats.patches <= 6 * 4
+    # The Opacus accountant hooked on the DPOptimizer saw every step, at the sampler's real rate.
+    assert isinstance(accountant, RDPAccountant)
+    assert accountant.history == [(1.3, 0.25, 6)]
+    assert tuple(mechanism) == (1.3, 0.25, 6)
+    for delta in (1e-5, 1e-3):
+        assert epsilon_for([mechanism], delta) == pytest.approx(accountant.get_epsilon(delta), rel=1e-9)
+    assert math.isfinite(epsilon_for([mechanism], 1e-5))
+    # Training changed the model, and Opacus's hooks and per-sample attributes are gone afterwards.
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+
+
+def test_noise_is_added_with_the_configured_scale():
+    """Same data, same sampling seed: the only difference between two runs is the optimizer's noise, and a larger
+    noise multiplier moves the weights further from the noiseless-direction result."""
+    quiet = DPSGDConfig(noise_multiplier=0.01, max_grad_norm=1.0, patients_per_step=2, steps_per_round=2)
+    loud = DPSGDConfig(noise_multiplier=50.0, max_grad_norm=1.0, patients_per_step=2, steps_per_round=2)
+
+    def sgd_update(config):
+        torch.manual_seed(0)
+        model = build_model("unet3d_tiny_instancenorm")
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        train_dpsgd(model, patients(4), PREPROCESSING, config, optimizer, torch.device("cpu"), seed=0)
+        return torch.cat([(v - start[k]).flatten() for k, v in model.state_dict().items()])
+
+    quiet_norm, loud_norm = sgd_update(quiet).norm(), sgd_update(loud).norm()
+    # SGD with lr 1: the update is the sum over steps of (clipped gradient sum + noise) / expected batch size. Each
+    # clipped sum is at most per_step * C; the noise of std 50 over ~0.15 M parameters dwarfs that.
+    assert loud_norm > 20 * quiet_norm
