@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from fedseg3d.privacy.site_budget import write_site_budget
 from tests.e2e.test_simulator_jobs import SITES, contributions, simulate
 
 pytestmark = pytest.mark.e2e
@@ -46,7 +47,12 @@ def float32_run(tiny_sites, tmp_path_factory) -> dict[tuple[int, str, str, str],
 
 @pytest.mark.parametrize("job", sorted(EXPECTED))
 def test_quantised_job_shrinks_both_directions_and_still_trains(job, float32_run, tiny_sites, tmp_path):
-    workspace = simulate(job, tiny_sites, tmp_path)
+    privacy_dir = None
+    if "_dp_" in job:  # the DP filter requires each site's budget, as a deployed site's local/privacy_budget.json
+        privacy_dir = tmp_path / "privacy"
+        for site in SITES:
+            write_site_budget(privacy_dir / site, epsilon_budget=50.0, delta=1e-5)
+    workspace = simulate(job, tiny_sites, tmp_path, privacy_dir=privacy_dir)
     sizes = message_sizes(workspace)
     assert set(sizes) == set(float32_run)
     (up_low, up_high), (first_low, first_high), (down_low, down_high) = EXPECTED[job]

@@ -21,10 +21,12 @@ OVERRIDES = {"num_rounds": 2, "sites_per_round": 2, "local_steps": 2}
 pytestmark = pytest.mark.e2e
 
 
-def simulate(job: str, sites_root: Path, tmp_path: Path, extra: dict | None = None) -> Path:
+def simulate(
+    job: str, sites_root: Path, tmp_path: Path, extra: dict | None = None, privacy_dir: Path | None = None
+) -> Path:
     (job_dir,) = build_jobs(REPO / "jobs", tmp_path / "jobs", [job], {**OVERRIDES, **(extra or {})}, min_clients=2)
     workspace = tmp_path / "ws"
-    code = run_simulation(job_dir, workspace, sites_root, SITES, timeout=600)
+    code = run_simulation(job_dir, workspace, sites_root, SITES, timeout=600, privacy_dir=privacy_dir)
     assert code == 0, f"simulator exited with {code}; logs under {workspace}"
     return workspace
 
