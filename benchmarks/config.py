@@ -21,6 +21,18 @@ JOBS_DIR = REPO / "jobs"
 REFERENCE_JOB = "unet3d_fedbn"
 # method -> job folder; local-only and pooled are trained directly with the package's training code.
 FEDERATED_JOBS = {"fedavg": "unet3d_fedavg", "fedprox": "unet3d_fedprox", "fedbn": "unet3d_fedbn"}
+DP_JOB_MARKERS = ("_dp", "dpsgd")
+QUANTISED_JOB_MARKERS = ("_int8", "_int4", "_topk", "_fp16")
+
+
+def is_dp_job(job: str) -> bool:
+    """A job whose sites release differentially private updates (its results carry epsilon per site)."""
+    return any(marker in job for marker in DP_JOB_MARKERS)
+
+
+def is_quantised_job(job: str) -> bool:
+    """A job that compresses its messages (its byte figures differ from float32)."""
+    return any(marker in job for marker in QUANTISED_JOB_MARKERS)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import time
 from collections import defaultdict
@@ -21,12 +22,17 @@ from pathlib import Path
 
 from benchmarks.config import JOBS_DIR, BenchConfig
 from fedseg3d.data.site_config import SITES_ROOT_ENV
+from fedseg3d.privacy.site_budget import PRIVACY_DIR_ENV, write_site_budget
 from fedseg3d.tools.build_jobs import build_jobs
+from fedseg3d.tools.privacy_audit import find_epsilons
 from fedseg3d.tools.simulate import simulator_command
 
 RECORDER = "fedseg3d.filters.message_size.MessageSizeRecorder"
 BYTES_FILES = {"site_to_server": "bench_bytes_up.jsonl", "server_to_site": "bench_bytes_down.jsonl"}
 GLOBAL = "global"
+# The benchmark measures the epsilon a run spends; a site budget must never stop it (the ledger still records it).
+UNREACHABLE_BUDGET = 1e6
+BUDGET_DELTA = 1e-5
 KEY_METRIC = "val_mean_dice"
 
 
@@ -92,8 +98,21 @@ def seed_initial_model(job_dir: Path, seed: int) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
+def job_variables(job: str) -> set[str]:
+    """The top-level variables a committed job defines (the knobs ``build_jobs`` can override)."""
+    names: set[str] = set()
+    for filename in ("config_fed_server.json", "config_fed_client.json"):
+        config = json.loads((JOBS_DIR / job / "app" / "config" / filename).read_text())
+        names.update(k for k, v in config.items() if not isinstance(v, list | dict))
+    return names
+
+
 def build_bench_job(cfg: BenchConfig, job: str, out_dir: Path) -> Path:
-    """The committed job with this benchmark's rounds, epochs, seed and sites, plus the byte probes."""
+    """The committed job with this benchmark's rounds, epochs, seed and sites, plus the byte probes.
+
+    A job without a ``local_epochs`` knob keeps its own notion of local work: DP-SGD (``unet3d_dpsgd``) does one
+    expected pass over the patients per round, because its steps are what its privacy accounting counts.
+    """
     overrides = {
         "num_rounds": cfg.rounds,
         "local_epochs": cfg.local_epochs,
@@ -102,6 +121,10 @@ def build_bench_job(cfg: BenchConfig, job: str, out_dir: Path) -> Path:
         "sites_per_round": cfg.sites,
         "min_sites_per_round": cfg.sites,
     }
+    known = job_variables(job)
+    if "local_epochs" not in known:
+        print(f"[bench] {job} has no local_epochs knob: it runs its own local work per round", flush=True)
+    overrides = {name: value for name, value in overrides.items() if name in known or name != "local_epochs"}
     (job_dir,) = build_jobs(JOBS_DIR, out_dir, [job], overrides, min_clients=cfg.sites)
     add_byte_probes(job_dir)
     seed_initial_model(job_dir, cfg.seed)
@@ -116,9 +139,15 @@ def run_simulated(cfg: BenchConfig, job: str, sites_root: Path, work_dir: Path, 
     """
     job_dir = build_bench_job(cfg, job, work_dir / "jobs")
     workspace = work_dir / "sim" / job
-    workspace.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(workspace, ignore_errors=True)  # FLARE and the byte probes append to files left by an earlier run
+    workspace.mkdir(parents=True)
     log_path = workspace.parent / f"{job}.log"
-    env = dict(os.environ, **{SITES_ROOT_ENV: str(sites_root.resolve())})
+    # Each run gets fresh site ledgers, so no run's spend is charged to another's.
+    privacy_dir = workspace.parent / "privacy" / job
+    shutil.rmtree(privacy_dir, ignore_errors=True)
+    for site in cfg.site_names:
+        write_site_budget(privacy_dir / site, UNREACHABLE_BUDGET, BUDGET_DELTA, overwrite=True)
+    env = dict(os.environ, **{SITES_ROOT_ENV: str(sites_root.resolve()), PRIVACY_DIR_ENV: str(privacy_dir.resolve())})
     command = simulator_command(job_dir.resolve(), workspace.resolve(), cfg.site_names, len(cfg.site_names))
     started = time.perf_counter()
     # The simulator's console output goes to a log file: the benchmark prints its own progress and tables.
@@ -171,6 +200,8 @@ def parse_run(job: str, server_run: Path, site_runs: dict[str, Path]) -> Federat
         for key, value in metrics.items():
             if "epsilon" in key and isinstance(value, int | float):
                 result.epsilon[site] = max(result.epsilon.get(site, 0.0), float(value))
+    # DP jobs: each site's cumulative epsilon as it declared it with its last update (the job's privacy records).
+    result.epsilon.update({site: entry["epsilon"] for site, entry in find_epsilons(server_run).items()})
     result.per_round[last_round + 1] = {site: scores[GLOBAL] for site, scores in result.matrix.items()}
     result.bytes_per_round = _bytes_per_round(server_run, site_runs, result.rounds)
     return result

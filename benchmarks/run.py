@@ -24,7 +24,15 @@ from pathlib import Path
 import psutil
 import torch
 
-from benchmarks.config import FEDERATED_JOBS, JOBS_DIR, REPO, BenchConfig, make_config
+from benchmarks.config import (
+    FEDERATED_JOBS,
+    JOBS_DIR,
+    REPO,
+    BenchConfig,
+    is_dp_job,
+    is_quantised_job,
+    make_config,
+)
 from benchmarks.render import write_plots
 from benchmarks.report import report_markdown, summary_text
 from benchmarks.summary import bytes_summary, goals, method_summary, nanmean, throughput_from_totals, throughput_rows
@@ -78,12 +86,21 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), {mem:.0f} GiB RAM, {gpu}; {versions}"
 
 
-def optional_jobs() -> dict[str, str]:
-    """DP and quantised jobs, detected by presence in ``jobs/`` (other branches add them)."""
-    found = {}
+def optional_jobs(quick: bool) -> dict[str, str]:
+    """DP and quantised jobs, detected by name in ``jobs/`` (a build without them reports them as not available).
+
+    The quick mode (a CI smoke test) runs one of each kind: enough to prove the path, not the whole sweep.
+    """
+    found: dict[str, str] = {}
     for path in sorted(p for p in JOBS_DIR.iterdir() if (p / "meta.json").is_file()):
-        if path.name not in FEDERATED_JOBS.values() and any(t in path.name for t in ("_dp", "quant", "_q8", "_fp16")):
+        if path.name in FEDERATED_JOBS.values():
+            continue
+        if is_dp_job(path.name) or is_quantised_job(path.name):
             found[path.name.removeprefix("unet3d_")] = path.name
+    if quick:
+        first_dp = next((m for m, job in found.items() if is_dp_job(job) and not is_quantised_job(job)), None)
+        first_q = next((m for m, job in found.items() if is_quantised_job(job) and not is_dp_job(job)), None)
+        found = {m: found[m] for m in (first_dp, first_q) if m is not None}
     return found
 
 
@@ -153,7 +170,7 @@ def run(cfg: BenchConfig, out_dir: Path, work: Path, command: str, timeout: floa
     central = run_centralised(cfg, sites_root, work / "centralised", log=log)
     phase("local-only + pooled", began, load_now)
     methods = {name: dataclasses.asdict(result) for name, result in central.items()}
-    extra = optional_jobs()
+    extra = optional_jobs(quick=cfg.mode == "quick")
     began, load_now = time.perf_counter(), os.getloadavg()[0]
     fed, failed = run_federated(cfg, sites_root, work, {**FEDERATED_JOBS, **extra}, timeout)
     phase("federated (simulator)", began, load_now)
@@ -163,9 +180,9 @@ def run(cfg: BenchConfig, out_dir: Path, work: Path, command: str, timeout: floa
     phase("POC cost run", began, load_now)
 
     not_run = {"SCAFFOLD": SCAFFOLD_NOT_RUN, **failed}
-    if not any("dp" in m for m in extra):
+    if not any(is_dp_job(job) for job in extra.values()):
         not_run["DP (Dice against epsilon)"] = "not available in this build: no DP job in jobs/."
-    if not any("quant" in m or "q8" in m or "fp16" in m for m in extra):
+    if not any(is_quantised_job(job) for job in extra.values()):
         not_run["quantised updates"] = "not available in this build: no quantisation job in jobs/."
     not_run["GPU"] = "not run: this machine has no GPU." if not torch.cuda.is_available() else "GPU present."
 

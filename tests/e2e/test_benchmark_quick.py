@@ -1,4 +1,5 @@
-"""The benchmark's quick mode, run for real: direct training, three simulator jobs and one POC deployment.
+"""The benchmark's quick mode, run for real: direct training, five simulator jobs (FedAvg, FedProx, FedBN, one DP
+and one quantised job) and one POC deployment.
 
 Asserts on what the report must contain (every method scored at every site, bytes in both directions, cost figures
 from POC), never on how fast it was.
@@ -54,5 +55,15 @@ def test_quick_benchmark_reports_every_method_and_the_costs(tmp_path: Path, caps
     for png in ("dice_per_round.png", "dice_per_site.png", "dice_vs_bytes.png"):
         assert (out / png).stat().st_size > 10_000, png
     report = (out / "report.md").read_text()
-    assert "no GPU" in report and "SCAFFOLD" in report and "not available in this build" in report
+    assert "no GPU" in report and "SCAFFOLD" in report
+    # One DP job and one quantised job ride along in quick mode: epsilon per site, and fewer bytes than FedBN's.
+    dp = [m for m, raw in results["methods"].items() if raw.get("epsilon")]
+    assert len(dp) == 1 and set(results["methods"][dp[0]]["epsilon"]) == set(sites), dp
+    assert all(eps > 0 for eps in results["methods"][dp[0]]["epsilon"].values())
+    (quantised,) = set(results["methods"]) - METHODS - set(dp)
+    for direction in ("site_to_server", "server_to_site"):
+        fp32 = results["methods"]["fedbn"]["bytes_per_round"][direction]
+        smaller = results["methods"][quantised]["bytes_per_round"][direction]
+        assert smaller["1"] * 2 < fp32["1"], (quantised, direction, smaller, fp32)
+    assert (out / "dice_vs_epsilon.png").stat().st_size > 10_000
     assert "| mean" in printed and "federation overhead" in printed
