@@ -23,7 +23,7 @@ ORG ?=
 .PHONY: help install data jobs sim poc test test-unit test-e2e test-poc lint format clean provision add-site deploy-local test-deploy audit bench-privacy bench bench-quick bench-compression
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-18s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,7 +56,7 @@ poc: data ## the main command: POC federation of SITES sites running JOB, live p
 	$(PY) poc/run_poc.py --job $(JOB) --data $(DATA) --workspace $(abspath $(WORKSPACE))/poc \
 		--set num_rounds=$(ROUNDS) --set local_epochs=$(LOCAL_EPOCHS)
 
-test: install ## the test command: unit tests, simulator end-to-end runs and one POC run
+test: install ## the test command: unit, simulator, POC, benchmark-quick and provisioned-deployment tests
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-unit: install ## unit tests only (seconds)
