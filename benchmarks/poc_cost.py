@@ -117,9 +117,7 @@ def run_poc_cost(cfg: BenchConfig, sites_root: Path, work_dir: Path, timeout: fl
         sampler = RssSampler({name: layout.prod_dir / name for name in participants})
         sampler.start()
         try:  # every path out stops POC first: the port and the lock are shared
-            started = time.perf_counter()
-            start(layout, cfg.site_names)
-            registration = time.perf_counter() - started
+            registration = start(layout, cfg.site_names)
             submitted = time.perf_counter()
             job_id, status, result_dir = submit_and_wait(layout, job_dir, timeout, work_dir / "poc_results")
             wall = time.perf_counter() - submitted
