@@ -110,8 +110,8 @@ def job_variables(job: str) -> set[str]:
 def build_bench_job(cfg: BenchConfig, job: str, out_dir: Path) -> Path:
     """The committed job with this benchmark's rounds, epochs, seed and sites, plus the byte probes.
 
-    A job without a ``local_epochs`` knob keeps its own notion of local work: DP-SGD (``unet3d_dpsgd``) does one
-    expected pass over the patients per round, because its steps are what its privacy accounting counts.
+    A job without a ``local_epochs`` knob keeps its own notion of local work (every committed job has one today;
+    DP-SGD reads it as expected passes over the patients).
     """
     overrides = {
         "num_rounds": cfg.rounds,

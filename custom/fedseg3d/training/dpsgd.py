@@ -60,8 +60,10 @@ class DPSGDConfig:
         noise_multiplier: sigma; per-step noise std is ``sigma * max_grad_norm`` on the sum of clipped gradients.
         max_grad_norm: C, the per-patient (per-sample) gradient clip norm.
         patients_per_step: expected number of patients per step; the Poisson rate is this over the site's patients.
-        steps_per_round: DP-SGD steps per round; 0 means one expected pass over the patients
-            (``ceil(n_patients / patients_per_step)`` steps).
+        steps_per_round: DP-SGD steps per round; 0 means ``passes_per_round`` expected passes over the patients
+            (``passes_per_round * ceil(n_patients / patients_per_step)`` steps).
+        passes_per_round: expected passes over the patients per round when ``steps_per_round`` is 0 (the job's
+            ``local_epochs``, so DP-SGD gets the same data budget as the other jobs).
         secure_mode: draw noise and the Poisson sample from a cryptographically secure generator
             (``torchcsprng``, as ``opacus.PrivacyEngine(secure_mode=True)`` does) and use Opacus's hardened noise
             sampling. Refused when the job starts if ``torchcsprng`` is not installed.
@@ -71,6 +73,7 @@ class DPSGDConfig:
     max_grad_norm: float = 1.0
     patients_per_step: int = 2
     steps_per_round: int = 0
+    passes_per_round: int = 1
     secure_mode: bool = False
 
     def __post_init__(self) -> None:
@@ -78,7 +81,7 @@ class DPSGDConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
                 raise ValueError(f"dp_sgd.{name} must be a finite number > 0, got {value!r}")
-        for name, low in (("patients_per_step", 1), ("steps_per_round", 0)):
+        for name, low in (("patients_per_step", 1), ("steps_per_round", 0), ("passes_per_round", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"dp_sgd.{name} must be an integer >= {low}, got {value!r}")
@@ -100,7 +103,7 @@ class DPSGDConfig:
 
     def steps_for(self, n_patients: int) -> int:
         """Steps in one round at a site with ``n_patients`` training cases."""
-        return self.steps_per_round or math.ceil(n_patients / self.patients_per_step)
+        return self.steps_per_round or self.passes_per_round * math.ceil(n_patients / self.patients_per_step)
 
     def mechanism(self, n_patients: int, steps: int) -> Mechanism:
         """What ``steps`` steps at a site of ``n_patients`` release, for the site ledger.

@@ -77,6 +77,13 @@ def test_secure_mode_without_torchcsprng_is_refused_not_silently_insecure():
     assert DPSGDConfig(patients_per_step=2).steps_for(5) == 3  # one expected pass: ceil(5 / 2)
 
 
+def test_steps_per_round_follow_the_passes_unless_set_exactly():
+    assert DPSGDConfig(patients_per_step=2, passes_per_round=3).steps_for(5) == 9  # 3 expected passes of ceil(5/2)
+    assert DPSGDConfig(patients_per_step=2, passes_per_round=3, steps_per_round=4).steps_for(5) == 4
+    with pytest.raises(ValueError, match="passes_per_round"):
+        DPSGDConfig(passes_per_round=0)
+
+
 def test_batch_norm_preset_is_refused_and_instance_norm_accepted():
     with pytest.raises(ValueError, match="unet3d_tiny.*cannot be trained with DP-SGD.*instancenorm"):
         check_model_supports_dpsgd(build_model("unet3d_tiny"), "unet3d_tiny")
