@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -32,8 +31,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "custom"))
+sys.path[:0] = [str(REPO / "custom"), str(REPO)]
 
+from benchmarks.machine import describe, machine_info  # noqa: E402
 from fedseg3d.data.synthetic import generate_sites  # noqa: E402
 from fedseg3d.tools.build_jobs import build_jobs  # noqa: E402
 from fedseg3d.tools.simulate import run_simulation  # noqa: E402
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {
         "command": "python benchmarks/compression.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU used, Python {platform.python_version()}",
+        "machine": describe(machine_info()),
         "load_before": [round(x, 2) for x in load_before],
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "seconds": time.time() - started,

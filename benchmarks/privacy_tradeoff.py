@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -36,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "custom"))  # run from a checkout without an editable install too
+sys.path[:0] = [str(REPO / "custom"), str(REPO)]  # run from a checkout without an editable install too
 
+from benchmarks.machine import machine_info  # noqa: E402
 from fedseg3d.data.site_config import SITES_ROOT_ENV  # noqa: E402
 from fedseg3d.data.synthetic import generate_sites  # noqa: E402
 from fedseg3d.privacy.site_budget import PRIVACY_DIR_ENV, write_site_budget  # noqa: E402
@@ -162,24 +162,6 @@ def _mean(values: list[float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
-def machine() -> dict[str, Any]:
-    """Where the figures come from: they only compare with figures from the same kind of machine and load."""
-    import torch  # noqa: PLC0415  (heavy import, only needed here)
-
-    cpu = platform.processor() or "unknown"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
-        cpu = names[0] if names else cpu
-    return {
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-
-
 def verdict(rows: list[dict[str, Any]], goal_epsilon: float = 8.0, goal_loss: float = 0.02) -> list[str]:
     """Read the results against the goal (patient-level epsilon <= 8 loses at most 0.02 Dice vs FedBN)."""
     reference = next((r for r in rows if r["name"] == "fedbn"), None)
@@ -277,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "command": command,
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
+        "machine": machine_info(),
         "budget": asdict(budget),
         "cases": cases,
         "rows": rows,

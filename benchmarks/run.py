@@ -14,14 +14,12 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
 import threading
 import time
 import traceback
 from pathlib import Path
 
-import psutil
 import torch
 
 from benchmarks.config import (
@@ -33,6 +31,7 @@ from benchmarks.config import (
     is_quantised_job,
     make_config,
 )
+from benchmarks.machine import describe, machine_info
 from benchmarks.render import write_plots
 from benchmarks.report import report_markdown, summary_text
 from benchmarks.summary import bytes_summary, goals, method_summary, nanmean, throughput_from_totals, throughput_rows
@@ -69,21 +68,6 @@ class LoadSampler(threading.Thread):
         self.join(timeout=15)
         s = self.samples or [os.getloadavg()[0]]
         return {"min": min(s), "mean": sum(s) / len(s), "max": max(s), "samples": len(s)}
-
-
-def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    mem = psutil.virtual_memory().total / 2**30
-    versions = f"Python {platform.python_version()}, torch {torch.__version__}"
-    return f"{os.cpu_count()} CPU cores ({cpu}), {mem:.0f} GiB RAM, {gpu}; {versions}"
 
 
 def optional_jobs(quick: bool) -> dict[str, str]:
@@ -191,7 +175,7 @@ def run(cfg: BenchConfig, out_dir: Path, work: Path, command: str, timeout: floa
         "meta": {
             "command": command,
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-            "machine": machine(),
+            "machine": describe(machine_info()),
             "loadavg_start": loadavg_start,
             "loadavg_end": [round(v, 2) for v in os.getloadavg()],
             "load_1min": load.stop(),

@@ -12,81 +12,29 @@ It writes ``<run dir>/fedseg3d/received_updates.jsonl`` (downloaded with the job
 
 from __future__ import annotations
 
-import json
-import math
-import threading
-from pathlib import Path
-
 import numpy as np
-from nvflare.apis.dxo import MetaKey, from_shareable
-from nvflare.apis.event_type import EventType
-from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.dxo import DXO, MetaKey
 from nvflare.apis.fl_context import FLContext
-from nvflare.app_common.app_constant import AppConstants
-from nvflare.app_common.app_event_type import AppEventType
-from nvflare.widgets.widget import Widget
 
-OUTPUT_SUBDIR = "fedseg3d"
+from fedseg3d.filters.gaussian_dp import global_l2_norm
+from fedseg3d.server.contribution_log import ContributionRecorder
+
 AUDIT_FILE = "received_updates.jsonl"
 
 
-def l2_norm(arrays: dict) -> float:
-    """Global L2 norm over every numpy array in ``arrays`` (float64 accumulation)."""
-    total = 0.0
-    for value in arrays.values():
-        if isinstance(value, np.ndarray) and value.size:
-            flat = value.ravel().astype(np.float64)
-            total += float(np.dot(flat, flat))
-    return math.sqrt(total)
-
-
-def _plain(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
-
-
-class UpdateNormAudit(Widget):
+class UpdateNormAudit(ContributionRecorder):
     """Appends one JSON line per site update the server accepts: site, round, data kind, L2 norm, filter trail."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._path: Path | None = None
-        self._lock = threading.Lock()
-
-    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
-        if event_type == EventType.START_RUN:
-            run_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
-            self._path = run_dir / OUTPUT_SUBDIR / AUDIT_FILE
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-        elif event_type == AppEventType.BEFORE_CONTRIBUTION_ACCEPT:
-            self._record(fl_ctx)
-
-    def _record(self, fl_ctx: FLContext) -> None:
-        peer_ctx = fl_ctx.get_peer_context()
-        shareable = peer_ctx.get_prop(FLContextKey.SHAREABLE) if peer_ctx else None
-        if shareable is None or self._path is None:
-            return
-        entry = {
-            "site": peer_ctx.get_identity_name(default="?"),
-            "round": fl_ctx.get_prop(AppConstants.CURRENT_ROUND),
-            "return_code": shareable.get_return_code(),
-        }
-        try:
-            dxo = from_shareable(shareable)
-        except ValueError:
-            entry["data_kind"] = None
-        else:
-            data = dxo.data or {}
-            meta = dxo.meta or {}
-            entry.update(
-                data_kind=dxo.data_kind,
-                num_values=int(sum(v.size for v in data.values() if isinstance(v, np.ndarray))),
-                l2_norm=l2_norm(data),
-                filter_history=_plain(meta.get(MetaKey.FILTER_HISTORY) or []),
-                dp_meta={k: _plain(v) for k, v in meta.items() if str(k).startswith("dp_")},
-            )
-        with self._lock, self._path.open("a") as stream:
-            stream.write(json.dumps(entry) + "\n")
+    def records(self, fl_ctx: FLContext, entry: dict, dxo: DXO | None) -> list[tuple[str, dict]]:
+        if dxo is None:
+            return [(AUDIT_FILE, entry | {"data_kind": None})]
+        arrays = {k: v for k, v in (dxo.data or {}).items() if isinstance(v, np.ndarray)}
+        meta = dxo.meta or {}
+        entry.update(
+            data_kind=dxo.data_kind,
+            num_values=int(sum(v.size for v in arrays.values())),
+            l2_norm=global_l2_norm(arrays),
+            filter_history=list(meta.get(MetaKey.FILTER_HISTORY) or []),
+            dp_meta={k: v for k, v in meta.items() if str(k).startswith("dp_")},
+        )
+        return [(AUDIT_FILE, entry)]

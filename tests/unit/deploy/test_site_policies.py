@@ -17,6 +17,7 @@ from nvflare.security.security import FLAuthorizer
 from deploy import kits
 from deploy.local import AUDIT_COMPONENT
 from fedseg3d.privacy.ledger import load_site_privacy_budget
+from tests.unit.test_job_configs import components
 
 REPO = Path(__file__).resolve().parents[3]
 POLICIES = kits.POLICIES_DIR
@@ -33,17 +34,6 @@ class _Workspace:
         return str(self.resources)
 
 
-def component_nodes(node):
-    if isinstance(node, dict):
-        if isinstance(node.get("path"), str):
-            yield node
-        for value in node.values():
-            yield from component_nodes(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from component_nodes(value)
-
-
 @pytest.mark.parametrize("job", JOB_DIRS, ids=lambda p: p.name)
 @pytest.mark.parametrize("side", ["client", "server"])
 def test_every_job_component_is_on_the_allow_list(job, side, tmp_path):
@@ -54,7 +44,7 @@ def test_every_job_component_is_on_the_allow_list(job, side, tmp_path):
     authorizer = ComponentPathAuthorizer()
     config = json.loads((job / "app" / "config" / f"config_fed_{side}.json").read_text())
     extra = [AUDIT_COMPONENT] if side == "server" else []
-    for node in [*component_nodes(config), *extra]:
+    for node in [*components(config), *extra]:
         authorizer.authorize_component_config(node, workspace=_Workspace(resources))  # raises when not allowed
 
 
