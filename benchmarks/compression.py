@@ -5,17 +5,25 @@ filters differ. Bytes come from the server's ``fedseg3d/message_sizes.jsonl`` (e
 server sends after its quantiser, what it receives before its dequantiser), Dice from the sites' validation of each
 round's incoming global model (``contributions.jsonl``) and from cross-site evaluation of the final global model
 (``cross_site_val/cross_val_results.json``, sent in float32 so it scores the model, not the codec). The float32 job
-runs more than once: FLARE aggregates in arrival order and the site threads race, so its spread is the noise floor
-against which a Dice change is judged.
+Every variant runs ``--repeats`` times; repeat i sets the sites' training seed (patch sampling, augmentation) and
+the rounding seed to i for every variant, so repeat i of two variants differ only in their filters. Single runs are
+too noisy to judge a 0.01 Dice change (two float32 runs with the same seeds differed by 0.018: FLARE aggregates in
+arrival order and the site threads race), so the report gives each variant's mean and spread over its repeats and
+the difference from float32 with a 95% confidence interval (Welch's t).
 
-Variants: ``fp32`` (``unet3d_fedbn``), ``fp16`` / ``int8`` / ``int4`` / ``topk`` (fedseg3d's filters, both
-directions, downlink as differences), and ``nvflare_fp16``: NVFlare's own ``ModelQuantizer`` / ``ModelDequantizer``
-(float16) in both directions. That one needs ``bitsandbytes``; its 8- and 4-bit modes need CUDA, and it rejects int64
-arrays, so the downlink drops ``num_batches_tracked`` with ``ExcludeVars`` first (FedBN sites ignore norm state).
+Variants: ``fp32`` (``unet3d_fedbn``), ``fp16`` / ``int8`` / ``int4`` / ``int3`` / ``int2`` / ``topk`` (fedseg3d's
+filters, both directions, downlink as differences, one payload per message), and ``nvflare_fp16``: NVFlare's own
+``ModelQuantizer`` / ``ModelDequantizer`` (float16) in both directions. That one needs ``bitsandbytes``; its 8- and
+4-bit modes need CUDA, and it rejects int64 arrays, so the downlink drops ``num_batches_tracked`` with
+``ExcludeVars`` first (FedBN sites ignore norm state). ``int4_per_tensor`` is ``int4`` with one array per tensor
+(``single_payload`` false), the wire format before one payload per message, to show what the framing costs.
 
 Usage:
-    python benchmarks/compression.py [--rounds 10] [--local-steps 20] [--fp32-repeats 2] [--variants fp32,int8]
-        [--workspace workspace/bench_compression] [--out docs/compression_benchmark]
+    python benchmarks/compression.py [--rounds 10] [--local-steps 20] [--repeats 3] [--variants fp32,int8]
+        [--workspace workspace/bench_compression] [--out docs/compression_benchmark] [--resume] [--report-only]
+
+``--resume`` keeps runs that already finished under ``--workspace`` (so variants can be added in later calls);
+``--report-only`` summarises every finished run there without running anything.
 """
 
 from __future__ import annotations
@@ -56,6 +64,9 @@ VARIANTS = {
     ),
     "int8": (QUANT_JOB, {}),
     "int4": ("unet3d_fedbn_int4", {}),
+    "int3": ("unet3d_fedbn_int3", {}),
+    "int2": ("unet3d_fedbn_int3", {"uplink_scheme": "int2", "downlink_scheme": "int2"}),
+    "int4_per_tensor": ("unet3d_fedbn_int4", {"single_payload": False}),
     "topk": ("unet3d_fedbn_topk", {}),
     "topk20": ("unet3d_fedbn_topk", {"uplink_topk_fraction": 0.2, "downlink_topk_fraction": 0.2}),
     # Which direction costs top-k its Dice: top-k one way, int8 the other.
@@ -85,9 +96,17 @@ def _use_nvflare_quantizer(app_config: Path) -> None:
     client_path.write_text(json.dumps(client, indent=2))
 
 
-def build_variant(name: str, out: Path, rounds: int, local_steps: int) -> Path:
+def build_variant(name: str, out: Path, rounds: int, local_steps: int, repeat: int) -> Path:
+    """The variant's job with the benchmark's budget; ``repeat`` seeds the sites' training and the rounding."""
     job, overrides = VARIANTS[name]
-    overrides = {**overrides, "num_rounds": rounds, "sites_per_round": len(SITES), "local_steps": local_steps}
+    seeds = {"seed": repeat} if job == "unet3d_fedbn" else {"seed": repeat, "quant_seed": repeat}
+    overrides = {
+        **overrides,
+        **seeds,
+        "num_rounds": rounds,
+        "sites_per_round": len(SITES),
+        "local_steps": local_steps,
+    }
     (job_dir,) = build_jobs(REPO / "jobs", out, [job], overrides, min_clients=len(SITES))
     if name == "nvflare_fp16":
         _use_nvflare_quantizer(job_dir / "app" / "config")
@@ -133,11 +152,56 @@ def summarise(workspace: Path) -> dict:
     return {"per_round": per_round, "final_global_dice": final, **totals}
 
 
-def render(results: dict, meta: dict) -> str:
-    fp32 = [results[k] for k in results if k.startswith("fp32")]
+def _variant(run: str) -> str:
+    return run.split("#")[0]
+
+
+def dice_difference(values: list[float], baseline: list[float]) -> dict[str, float | None]:
+    """Mean Dice difference from the baseline and its 95% confidence interval (Welch's t; None below 2 runs each)."""
+    from scipy import stats  # only the report needs it (installed with opacus)
+
+    diff = statistics.mean(values) - statistics.mean(baseline)
+    if len(values) < 2 or len(baseline) < 2:
+        return {"diff": diff, "low": None, "high": None}
+    test = stats.ttest_ind(values, baseline, equal_var=False)
+    interval = test.confidence_interval(0.95)
+    return {"diff": diff, "low": float(interval.low), "high": float(interval.high)}
+
+
+def summarise_variants(results: dict) -> dict[str, dict]:
+    """Per variant: runs, byte ratios against float32 (mean bytes over its runs), Dice mean/sd and difference."""
+    fp32 = [r for k, r in results.items() if _variant(k) == "fp32"]
     base = {k: statistics.mean(r[k] for r in fp32) for k in fp32[0] if k.endswith("_total")}
-    base_dice = statistics.mean(r["final_global_dice"] for r in fp32)
-    spread = max(r["final_global_dice"] for r in fp32) - min(r["final_global_dice"] for r in fp32)
+    base_later = [p["down_bytes"] for f in fp32 for p in f["per_round"] if p["round"] > 0 and p["down_bytes"]]
+    base_dice = [r["final_global_dice"] for r in fp32]
+    out = {}
+    for name in dict.fromkeys(_variant(k) for k in results):
+        runs = [r for k, r in results.items() if _variant(k) == name]
+        dice = [r["final_global_dice"] for r in runs]
+        later = [p["down_bytes"] for r in runs for p in r["per_round"] if p["round"] > 0 and p["down_bytes"]]
+        ratios = {k: base[k] / max(statistics.mean(r[k] for r in runs), 1) for k in base}
+        out[name] = {
+            "runs": len(runs),
+            "up_bytes_per_round": statistics.mean(p["up_bytes"] for r in runs for p in r["per_round"]),
+            "up_x": ratios["up_bytes_total"],
+            "up_streamed_x": ratios["up_streamed_bytes_total"],
+            "down_x": ratios["down_bytes_total"],
+            "down_streamed_x": ratios["down_streamed_bytes_total"],
+            "down_x_after_round_0": statistics.mean(base_later) / statistics.mean(later) if later else None,
+            "dice_mean": statistics.mean(dice),
+            "dice_sd": statistics.stdev(dice) if len(dice) > 1 else None,
+            "dice_runs": dice,
+            "dice_vs_fp32": dice_difference(dice, base_dice),
+        }
+    return out
+
+
+def _interval(d: dict) -> str:
+    return "-" if d["low"] is None else f"[{d['low']:+.4f}, {d['high']:+.4f}]"
+
+
+def render(results: dict, meta: dict) -> str:
+    variants = summarise_variants(results)
     lines = [
         "# Compression benchmark: Dice against bytes on the wire",
         "",
@@ -146,35 +210,35 @@ def render(results: dict, meta: dict) -> str:
         f"`{meta['raw_numbers']}`. {meta.get('note', '')}",
         "",
         f"Setup: FedBN `unet3d_tiny`, {meta['sites']} synthetic sites (`generate_sites(seed={meta['data_seed']})`), "
-        f"{meta['rounds']} rounds of {meta['local_steps']} local steps, FLARE simulator, same seeds for every "
-        "variant. Bytes: `train` messages only, as serialised (server's `fedseg3d/message_sizes.jsonl`), summed over "
-        "rounds and sites; ratios against the mean of the float32 runs. Dice: final global model, cross-site "
-        "evaluation, mean over sites (each with its own batch norm); delta against the float32 mean. "
-        f"Run-to-run spread of the float32 runs' final Dice (max - min over {len(fp32)} runs): {spread:.4f}. "
-        "`streamed x`: the same ratio for the bytes FLARE moves through its download service between real "
-        "processes (one npz item per array, see `fedseg3d.filters.message_size`).",
+        f"{meta['rounds']} rounds of {meta['local_steps']} local steps, FLARE simulator. Repeat i of every variant "
+        "uses training seed i and rounding seed i. Bytes: `train` messages only, as serialised (server's "
+        "`fedseg3d/message_sizes.jsonl`), summed over rounds and sites; `x` is the float32 runs' mean bytes over "
+        "the variant's mean bytes. `streamed x`: the same for the bytes FLARE moves through its download service "
+        "between real processes (one npz item per array, see `fedseg3d.filters.message_size`). `down x` counts "
+        "every round, including the first, full model; `down x after 0` only the differences. Dice: final global "
+        "model, cross-site evaluation, mean over sites (each with its own batch norm). `Dice - fp32`: difference "
+        "of means, with the 95% confidence interval of Welch's t over the runs.",
         "",
-        "| variant | up bytes | up x | up streamed x | down bytes | down x | down streamed x "
-        "| down x after round 0 | final Dice | Dice - fp32 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| variant | runs | bytes up / round | up x | up streamed x | down x | down streamed x | down x after 0 "
+        "| Dice mean | Dice sd | Dice - fp32 | 95% CI |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, r in results.items():
-        later = [p for p in r["per_round"] if p["round"] > 0 and p["down_bytes"]]
-        base_later = [p["down_bytes"] for f in fp32 for p in f["per_round"] if p["round"] > 0 and p["down_bytes"]]
-        down_later = (
-            f"{statistics.mean(base_later) / statistics.mean(p['down_bytes'] for p in later):.2f}"
-            if later and base_later
-            else "-"
-        )
-        dice = r["final_global_dice"]
-        x = {k: base[k] / max(r[k], 1) for k in base}
+    for name, v in variants.items():
+        later = "-" if v["down_x_after_round_0"] is None else f"{v['down_x_after_round_0']:.2f}"
+        sd = "-" if v["dice_sd"] is None else f"{v['dice_sd']:.4f}"
+        d = v["dice_vs_fp32"]
+        diff, interval = ("-", "-") if name == "fp32" else (f"{d['diff']:+.4f}", _interval(d))
         lines.append(
-            f"| {name} | {r['up_bytes_total']:,} | {x['up_bytes_total']:.2f} | {x['up_streamed_bytes_total']:.2f} | "
-            f"{r['down_bytes_total']:,} | {x['down_bytes_total']:.2f} | {x['down_streamed_bytes_total']:.2f} | "
-            f"{down_later} | {dice:.4f} | {dice - base_dice:+.4f} |"
+            f"| {name} | {v['runs']} | {v['up_bytes_per_round']:,.0f} | {v['up_x']:.2f} | {v['up_streamed_x']:.2f} | "
+            f"{v['down_x']:.2f} | {v['down_streamed_x']:.2f} | {later} | {v['dice_mean']:.4f} | {sd} | "
+            f"{diff} | {interval} |"
         )
+    lines += ["", "Every run: final Dice, seconds.", "", "| run | final Dice | seconds |", "| --- | ---: | ---: |"]
+    for run, r in results.items():
+        seconds = "-" if r.get("seconds") is None else f"{r['seconds']:.0f}"
+        lines.append(f"| {run} | {r['final_global_dice']:.4f} | {seconds} |")
     lines += ["", "Per round (mean over sites): bytes up / down, Dice of the global model the sites received.", ""]
-    lines += ["| variant | round | up bytes | down bytes | global Dice |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines += ["| run | round | up bytes | down bytes | global Dice |", "| --- | ---: | ---: | ---: | ---: |"]
     for name, r in results.items():
         for p in r["per_round"]:
             dice = p["global_dice_before_round"]
@@ -185,26 +249,35 @@ def render(results: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _finished(workspace: Path) -> bool:
+    return (workspace / "server" / "simulate_job" / "cross_site_val" / "cross_val_results.json").is_file()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-steps", type=int, default=20)
-    parser.add_argument("--fp32-repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of every variant (seeds 0 .. repeats-1)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--workspace", type=Path, default=REPO / "workspace" / "bench_compression")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "compression_benchmark")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--note", default="", help="a sentence added to the report (for example about the machine)")
+    parser.add_argument("--resume", action="store_true", help="keep runs that already finished under --workspace")
     parser.add_argument(
-        "--report-only", action="store_true", help="summarise the run folders already under --workspace, no runs"
+        "--report-only", action="store_true", help="summarise the finished runs under --workspace, no runs"
     )
     args = parser.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(names) - set(VARIANTS))
-    if unknown or "fp32" not in names:
-        parser.error(f"variants must include fp32 and come from {sorted(VARIANTS)}; unknown: {unknown}")
-    runs = [f"fp32#{i + 1}" for i in range(args.fp32_repeats)] + [n for n in names if n != "fp32"]
+    if unknown or "fp32" not in names or args.repeats < 1:
+        parser.error(f"variants must include fp32 and come from {sorted(VARIANTS)} (unknown: {unknown}); repeats >= 1")
+    runs = [f"{name}#{i + 1}" for name in names for i in range(args.repeats)]
+    if args.report_only:  # every finished run of a requested variant, whatever its number
+        found = sorted((args.workspace / "runs").glob("*_*"))
+        runs = [d.name.replace("_", "#", 1) for d in found if _variant(d.name.replace("_", "#", 1)) in names]
+        runs = [r for r in runs if _finished(args.workspace / "runs" / r.replace("#", "_"))]
 
     started, load_before = time.time(), os.getloadavg()
     data = args.workspace / "data"
@@ -213,18 +286,23 @@ def main(argv: list[str] | None = None) -> None:
         generate_sites(data, n_sites=len(SITES), seed=args.data_seed)
     results = {}
     for run in runs:
-        name = run.split("#")[0]
+        name, repeat = _variant(run), int(run.split("#")[1]) - 1
         workspace = args.workspace / "runs" / run.replace("#", "_")
-        if args.report_only:
-            results[run] = {**summarise(workspace), "seconds": None}
+        timing = workspace / "seconds.json"
+        if args.report_only or (args.resume and _finished(workspace)):
+            seconds = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
+            results[run] = {**summarise(workspace), "seconds": seconds}
             continue
-        job_dir = build_variant(name, args.workspace / "jobs" / run.replace("#", "_"), args.rounds, args.local_steps)
+        job_dir = build_variant(
+            name, args.workspace / "jobs" / run.replace("#", "_"), args.rounds, args.local_steps, repeat
+        )
         shutil.rmtree(workspace, ignore_errors=True)  # the recorders append: a stale run would add its lines
         t0 = time.time()
         print(f"{run}: simulating {job_dir.name} ...", flush=True)
         code = run_simulation(job_dir, workspace, data, SITES, timeout=args.timeout)
         if code != 0:
             raise SystemExit(f"{run}: simulator exited with {code}; logs under {workspace}")
+        timing.write_text(json.dumps({"seconds": time.time() - t0}) + "\n")
         results[run] = {**summarise(workspace), "seconds": time.time() - t0}
         r = results[run]
         print(
@@ -246,8 +324,10 @@ def main(argv: list[str] | None = None) -> None:
         "note": args.note,
         "raw_numbers": os.path.relpath(args.out.with_suffix(".json"), REPO),
     }
+    summary = summarise_variants(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    raw = {"meta": meta, "variants": summary, "results": results}
+    args.out.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
     table = render(results, meta)
     args.out.with_suffix(".md").write_text(table)
     print(table)

@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-QUANT_JOBS = ["unet3d_fedbn_int8", "unet3d_fedbn_int4", "unet3d_fedbn_topk", "unet3d_fedbn_dp_int8"]
+QUANT_JOBS = [
+    "unet3d_fedbn_int8",
+    "unet3d_fedbn_int4",
+    "unet3d_fedbn_int3",
+    "unet3d_fedbn_topk",
+    "unet3d_fedbn_dp_int8",
+]
 F = "fedseg3d.filters."
 
 

@@ -1,4 +1,4 @@
-"""Lossy codecs for one float array: fp16, blockwise 8/4-bit with stochastic rounding, and top-k sparsification.
+"""Lossy codecs for one float array: fp16, blockwise 8/4/3/2-bit with stochastic rounding, top-k sparsification.
 
 Pure numpy, no ``nvflare``: the FLARE filters in ``quantize_filter`` wrap these, and everything here is unit-testable
 on its own.
@@ -15,6 +15,10 @@ Payload layouts (little-endian throughout)::
     int8        float16 block scales, then int8 codes in [-127, 127]        2*ceil(n/B) + n bytes
     int4        float16 block scales, then codes+7 in [0, 14], two a byte   2*ceil(n/B) + ceil(n/2) bytes
                 (element 2i in the low nibble, 2i+1 in the high nibble)
+    int3, int2  float16 block scales, then codes+L as a little-endian       2*ceil(n/B) + ceil(b*n/8) bytes
+                bit stream of b bits a code (L = 3 or 1; element i in bits
+                b*i .. b*i+b-1, least significant first; int4 is the same
+                stream with b = 4)
     topk        index section, then value section
                 index: a bitmap of n bits (ceil(n/8) bytes) or k int32 indices (4k bytes), whichever is smaller
                 value: the k kept values as an int8 container payload (value_bits=8) or as float32 (value_bits=32)
@@ -40,6 +44,9 @@ Error bounds (per element, ``x`` the input, ``x_hat`` the decoded value; :func:`
 * fp16 (round to nearest): ``|x - x_hat| <= FP16_RELATIVE_ERROR * |x_hat| + FP16_SUBNORMAL_ERROR``.
 * b-bit blockwise: ``|x - x_hat| < scale_block / (2**(b-1) - 1)`` (one grid step; stochastic rounding picks one of
   the two neighbouring grid points), times ``1 + BLOCKWISE_SLACK`` for float32 arithmetic.
+* int3 / int2 use 7 and 3 of their 8 and 4 codes (a symmetric grid has an odd number of points): int3's grid step
+  is ``absmax/3``, int2's ``absmax`` (ternary, as in TernGrad, Wen et al., NeurIPS 2017). They exist because 4 bits
+  cannot clear 8x: fp32 is 32 bits a value, so 8x leaves 4 bits for codes, scales and framing together.
 * top-k: kept entries as their value encoding (0 for float32 values); a dropped entry is no larger in magnitude than
   any kept one, so ``|x| <= min over kept of (|x_hat| + bound)``.
 """
@@ -53,11 +60,12 @@ from typing import Any
 
 import numpy as np
 
-SCHEMES = ("fp16", "int8", "int4", "topk")
-BLOCKWISE_BITS = {"int8": 8, "int4": 4}
+SCHEMES = ("fp16", "int8", "int4", "int3", "int2", "topk")
+BLOCKWISE_BITS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}
+BLOCKWISE_SCHEMES = {bits: scheme for scheme, bits in BLOCKWISE_BITS.items()}
 # Larger blocks amortise the 2-byte scale better but stretch the grid over a wider range. 4-bit gets smaller blocks
 # because its grid is coarse already; pass block_size to trade the other way.
-DEFAULT_BLOCK_SIZE = {"int8": 256, "int4": 64, "topk": 256}
+DEFAULT_BLOCK_SIZE = {"int8": 256, "int4": 64, "int3": 64, "int2": 64, "topk": 256}
 FLOAT_DTYPES = ("float16", "float32", "float64")
 INDEX_FORMATS = ("bitmap", "int32")
 TOPK_VALUE_BITS = (8, 32)
@@ -75,12 +83,14 @@ _HEADER_FIELDS = {
     "fp16": frozenset({"scheme", "shape", "dtype", "payload"}),
     "int8": frozenset({"scheme", "shape", "dtype", "payload", "block_size"}),
     "int4": frozenset({"scheme", "shape", "dtype", "payload", "block_size"}),
+    "int3": frozenset({"scheme", "shape", "dtype", "payload", "block_size"}),
+    "int2": frozenset({"scheme", "shape", "dtype", "payload", "block_size"}),
     "topk": frozenset({"scheme", "shape", "dtype", "payload", "block_size", "k", "index_format", "value_bits"}),
 }
 
 
 def levels(bits: int) -> int:
-    """Largest code magnitude of a symmetric b-bit grid: 127 for 8 bits, 7 for 4 (one code left unused)."""
+    """Largest code magnitude of a symmetric b-bit grid: 127 for 8 bits, 7 for 4, 3 for 3, 1 for 2 (one code unused)."""
     return 2 ** (bits - 1) - 1
 
 
@@ -91,7 +101,7 @@ def topk_count(n: int, fraction: float) -> int:
 
 def blockwise_nbytes(n: int, bits: int, block_size: int) -> int:
     """Payload bytes of a b-bit blockwise encoding of ``n`` values (scales included)."""
-    codes = n if bits == 8 else (n + 1) // 2
+    codes = math.ceil(n * bits / 8)
     return _SCALE.itemsize * math.ceil(n / block_size) + codes
 
 
@@ -155,23 +165,22 @@ def _quantize_blocks(
     return scales, codes
 
 
-def _pack_nibbles(codes: np.ndarray, top: int) -> np.ndarray:
-    offset = (codes.astype(np.int16) + top).astype(np.uint8)
-    if offset.size % 2:
-        offset = np.append(offset, np.uint8(0))
-    return offset[0::2] | (offset[1::2] << 4)
+def _pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes in [-L, L] as a little-endian bit stream of ``bits`` bits each (offset by L, so never negative)."""
+    offset = (codes.astype(np.int16) + levels(bits)).astype(np.uint8)
+    stream = np.unpackbits(offset[:, None], axis=1, count=bits, bitorder="little").reshape(-1)
+    return np.packbits(stream, bitorder="little")
 
 
-def _unpack_nibbles(packed: np.ndarray, n: int) -> np.ndarray:
-    offset = np.empty(packed.size * 2, dtype=np.uint8)
-    offset[0::2] = packed & 0x0F
-    offset[1::2] = packed >> 4
-    return offset[:n]
+def _unpack_codes(packed: np.ndarray, n: int, bits: int) -> np.ndarray:
+    """The offset codes (uint8, before subtracting L) of the first ``n`` elements of a bit stream."""
+    stream = np.unpackbits(packed, count=n * bits, bitorder="little").reshape(n, bits)
+    return np.packbits(stream, axis=1, bitorder="little").reshape(n)
 
 
 def _blockwise_payload(flat: np.ndarray, bits: int, block_size: int, rng: np.random.Generator) -> np.ndarray:
     scales, codes = _quantize_blocks(flat, bits, block_size, rng)
-    body = codes.view(np.uint8) if bits == 8 else _pack_nibbles(codes, levels(bits))
+    body = codes.view(np.uint8) if bits == 8 else _pack_codes(codes, bits)
     return np.concatenate([scales.astype(_SCALE).view(np.uint8), body])
 
 
@@ -188,20 +197,20 @@ def encode_fp16(x: np.ndarray) -> dict[str, Any]:
 def encode_blockwise(
     x: np.ndarray, bits: int, rng: np.random.Generator, block_size: int | None = None
 ) -> dict[str, Any]:
-    """Blockwise absmax quantisation to 8 or 4 bits with unbiased stochastic rounding.
+    """Blockwise absmax quantisation to 8, 4, 3 or 2 bits with unbiased stochastic rounding.
 
     Args:
         x: float array, any shape.
-        bits: 8 or 4.
+        bits: 8, 4, 3 or 2.
         rng: the source of the rounding noise; pass a seeded generator for reproducible runs.
         block_size: values per scale; ``DEFAULT_BLOCK_SIZE`` for the bit width when None.
 
     Raises:
         ValueError: bad bits or block size, a non-finite input, or a block beyond the float16 scale range.
     """
-    scheme = {8: "int8", 4: "int4"}.get(bits)
+    scheme = BLOCKWISE_SCHEMES.get(bits)
     if scheme is None:
-        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+        raise ValueError(f"bits must be one of {sorted(BLOCKWISE_SCHEMES)}, got {bits!r}")
     block_size = _check_block_size(DEFAULT_BLOCK_SIZE[scheme] if block_size is None else block_size)
     payload = _blockwise_payload(_flat_float32(x), bits, block_size, _check_rng(rng))
     return _header(scheme, x, payload, block_size=block_size)
@@ -338,7 +347,7 @@ def _parse_blockwise(
     if bad.size:
         raise _fail(name, "payload", f"has an invalid scale {scales[bad[0]]} in block {int(bad[0])}")
     body = payload[_SCALE.itemsize * num_blocks :]
-    codes = body.view(np.int8).astype(np.int16) if bits == 8 else _unpack_nibbles(body, n).astype(np.int16) - top
+    codes = body.view(np.int8).astype(np.int16) if bits == 8 else _unpack_codes(body, n, bits).astype(np.int16) - top
     bad = np.flatnonzero(np.abs(codes) > top)
     if bad.size:
         raise _fail(name, "payload", f"has code {int(codes[bad[0]])} outside [-{top}, {top}] at element {int(bad[0])}")
@@ -426,3 +435,52 @@ def error_bound(container: Mapping[str, Any], name: str = "array") -> np.ndarray
             ceiling = np.min(np.abs(parsed.values[parsed.kept]) + bound[parsed.kept])
             bound = np.where(parsed.kept, bound, ceiling)
     return bound.reshape(parsed.shape)
+
+
+# -------------------------------------------------------------------------------------------- one payload per message
+def pack_containers(containers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Join many containers into one: their headers in order, and all payloads in one ``uint8`` array.
+
+    Why: FOBS frames every numpy array (about 280 bytes inline, more as a streamed ``npz`` item), and a model has
+    dozens of tensors. At 3 bits a value the framing of ~50 small arrays is a fifth of the message; one array per
+    message makes the ratio the codec's own. Headers keep every field but the payload, plus the payload's length.
+    """
+    entries, parts = [], []
+    for key, container in containers.items():
+        payload = container["payload"]
+        entries.append([key, {k: v for k, v in container.items() if k != "payload"}, int(payload.size)])
+        parts.append(payload)
+    return {"entries": entries, "payload": np.concatenate(parts) if parts else np.zeros(0, np.uint8)}
+
+
+def unpack_containers(packed: Any, name: str = "packed") -> dict[str, dict[str, Any]]:
+    """Split what :func:`pack_containers` joined back into containers (each still validated by :func:`decode`).
+
+    Raises:
+        ValueError: naming the field: not a dict, a malformed entry, a duplicate key, or payload lengths that do not
+            add up to the payload.
+    """
+    if not isinstance(packed, Mapping) or set(packed) != {"entries", "payload"}:
+        got = sorted(packed) if isinstance(packed, Mapping) else type(packed).__name__
+        raise ValueError(f"{name}: expected a packed dict with 'entries' and 'payload', got {got}")
+    entries, payload = packed["entries"], packed["payload"]
+    if not isinstance(payload, np.ndarray) or payload.dtype != np.uint8 or payload.ndim != 1:
+        raise _fail(name, "payload", f"must be a 1-D uint8 numpy array, got {type(payload).__name__}")
+    if not isinstance(entries, list | tuple):
+        raise _fail(name, "entries", f"must be a list, got {type(entries).__name__}")
+    out: dict[str, dict[str, Any]] = {}
+    offset = 0
+    for i, entry in enumerate(entries):
+        ok = isinstance(entry, list | tuple) and len(entry) == 3
+        key, header, size = entry if ok else (None, None, None)
+        if not (isinstance(key, str) and isinstance(header, Mapping) and isinstance(size, int) and size >= 0):
+            raise _fail(name, "entries", f"item {i} must be [name, header dict, payload length], got {entry!r:.80}")
+        if key in out:
+            raise _fail(name, "entries", f"names '{key}' twice")
+        if "payload" in header:
+            raise _fail(name, "entries", f"item '{key}' carries its own payload")
+        out[key] = {**header, "payload": payload[offset : offset + size]}
+        offset += size
+    if offset != payload.size:
+        raise _fail(name, "payload", f"is {payload.size} bytes but the entries add up to {offset}")
+    return out

@@ -44,7 +44,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
 from fedseg3d.filters import codecs
-from fedseg3d.filters.quantize_filter import QUANT_META_KEY, WIRE_DATA_KIND, _meta_without
+from fedseg3d.filters.quantize_filter import QUANT_META_KEY, WIRE_DATA_KIND, _meta_without, pack_encoded
 
 DELTA_META_KEY = "fedseg3d_downlink_delta"
 FULL, DELTA = "full", "delta"
@@ -71,13 +71,15 @@ class GlobalModelDeltaEncoder(DXOFilter):
     """Server side: quantised difference between the global model and each site's reconstruction of it.
 
     Args:
-        scheme: codec for the differences: ``fp16``, ``int8``, ``int4`` or ``topk``.
-        block_size: values per scale (``int8``/``int4``/top-k values); the codec default when None.
+        scheme: codec for the differences: ``fp16``, ``int8``, ``int4``, ``int3``, ``int2`` or ``topk``.
+        block_size: values per scale (blockwise schemes and top-k values); the codec default when None.
         topk_fraction: share of each tensor's entries sent by ``topk``.
-        full_scheme: codec for a full model (first message to a site): ``fp16``, ``int8`` or ``int4``.
+        full_scheme: codec for a full model (first message to a site): ``fp16`` or a blockwise scheme (not top-k,
+            which would zero most of the model).
         seed: seeds the stochastic rounding, mixed with the site name.
         gap_store_id: id of a :class:`SiteGapStore` component: when set, the encoder records each site's gap
             (global model sent minus the site's reconstruction) there, for :class:`RebaseOnSiteCopy`.
+        single_payload: one array for all encoded tensors (see ``QuantizeFilter``).
 
     Raises:
         ValueError: an invalid argument; at run time, no peer site in the context, a non-array or non-finite value,
@@ -92,13 +94,17 @@ class GlobalModelDeltaEncoder(DXOFilter):
         full_scheme: str = "int8",
         seed: int = 0,
         gap_store_id: str = "",
+        single_payload: bool = False,
     ) -> None:
         super().__init__(supported_data_kinds=[DataKind.WEIGHTS], data_kinds_to_filter=[DataKind.WEIGHTS])
         if not isinstance(gap_store_id, str):
             raise ValueError(f"GlobalModelDeltaEncoder: gap_store_id must be a string, got {gap_store_id!r}")
         self.gap_store_id = gap_store_id
+        if not isinstance(single_payload, bool):
+            raise ValueError(f"GlobalModelDeltaEncoder: single_payload must be a bool, got {single_payload!r}")
+        self.single_payload = single_payload
         self.scheme = _check_scheme("scheme", scheme, codecs.SCHEMES)
-        self.full_scheme = _check_scheme("full_scheme", full_scheme, ("fp16", "int8", "int4"))
+        self.full_scheme = _check_scheme("full_scheme", full_scheme, ("fp16", *codecs.BLOCKWISE_BITS))
         if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)):
             raise ValueError(f"GlobalModelDeltaEncoder: block_size must be a positive int or None, got {block_size!r}")
         if block_size is not None and block_size < 1:
@@ -183,6 +189,8 @@ class GlobalModelDeltaEncoder(DXOFilter):
             "data_kind": (DataKind.WEIGHT_DIFF if compatible else DataKind.WEIGHTS).value,
         }
         meta[DELTA_META_KEY] = delta
+        if self.single_payload:
+            data = pack_encoded(data, "GlobalModelDeltaEncoder")
         self.log_info(
             fl_ctx,
             f"to {site}: {base} #{seq} as {scheme}, {raw} -> {encoded} array bytes ({raw / max(encoded, 1):.2f}x)",

@@ -43,6 +43,8 @@ from nvflare.apis.shareable import Shareable
 from fedseg3d.filters import codecs
 
 QUANT_META_KEY = "fedseg3d_quantization"
+# DXO key of the one packed container when a filter runs with ``single_payload`` (see ``codecs.pack_containers``).
+PACKED_KEY = "fedseg3d_packed"
 WIRE_DATA_KIND = DataKind.APP_DEFINED
 _QUANTIZABLE_KINDS = (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF)
 
@@ -79,6 +81,9 @@ class QuantizeFilter(DXOFilter):
         topk_fraction: share of entries kept per tensor by ``topk``, in (0, 1].
         error_feedback: carry top-k's unsent remainder over to the next round.
         seed: seeds the rounding noise, mixed with the site name so that sites do not draw identical noise.
+        single_payload: send every encoded tensor's bytes as one array (``codecs.pack_containers``) instead of one
+            array per tensor; saves FOBS's per-array framing (about 280 bytes a tensor), which at 3 bits a value is
+            a fifth of the message.
 
     Raises:
         ValueError: an unknown scheme or an invalid argument.
@@ -91,6 +96,7 @@ class QuantizeFilter(DXOFilter):
         topk_fraction: float = 0.1,
         error_feedback: bool = True,
         seed: int = 0,
+        single_payload: bool = False,
     ) -> None:
         super().__init__(supported_data_kinds=list(_QUANTIZABLE_KINDS), data_kinds_to_filter=list(_QUANTIZABLE_KINDS))
         if scheme not in codecs.SCHEMES:
@@ -106,6 +112,9 @@ class QuantizeFilter(DXOFilter):
             raise ValueError(f"QuantizeFilter: error_feedback must be a bool, got {error_feedback!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"QuantizeFilter: seed must be a non-negative int, got {seed!r}")
+        if not isinstance(single_payload, bool):
+            raise ValueError(f"QuantizeFilter: single_payload must be a bool, got {single_payload!r}")
+        self.single_payload = single_payload
         self.scheme = scheme
         self.block_size = block_size
         self.topk_fraction = float(topk_fraction)
@@ -147,6 +156,8 @@ class QuantizeFilter(DXOFilter):
             if residuals is not None:
                 residuals.update(new_residuals)  # only once every tensor encoded: a failure leaves the state as it was
         record["data_kind"] = getattr(dxo.data_kind, "value", dxo.data_kind)
+        if self.single_payload:
+            data = pack_encoded(data, "QuantizeFilter")
         meta = _meta_without(dxo.meta)
         meta[QUANT_META_KEY] = record
         raw, encoded = record["raw_bytes"], record["encoded_bytes"]
@@ -217,7 +228,7 @@ class DequantizeFilter(DXOFilter):
         if not isinstance(dxo.data, Mapping):
             raise ValueError(f"DequantizeFilter: DXO data must be a dict, got {type(dxo.data).__name__}")
         out: dict[str, Any] = {}
-        for key, value in dxo.data.items():
+        for key, value in unpack_encoded(dxo.data).items():
             if isinstance(value, Mapping):
                 if key not in dtypes:
                     raise ValueError(f"DequantizeFilter: '{key}' is encoded but missing from the record")
@@ -239,6 +250,28 @@ class DequantizeFilter(DXOFilter):
             raise ValueError(f"DequantizeFilter: encoded arrays {missing} listed in the record are missing")
         self.log_debug(fl_ctx, f"{scheme}: restored {len(dtypes)} arrays as {data_kind}")
         return DXO(data_kind=data_kind, data=out, meta=_meta_without(dxo.meta, QUANT_META_KEY))
+
+
+def pack_encoded(data: Mapping[str, Any], who: str) -> dict[str, Any]:
+    """Encoded containers joined under ``PACKED_KEY``; other (non-float) arrays stay as they are."""
+    if PACKED_KEY in data:
+        raise ValueError(f"{who}: a tensor is named '{PACKED_KEY}', the key reserved for the packed payload")
+    containers = {k: v for k, v in data.items() if isinstance(v, Mapping)}
+    out = {k: v for k, v in data.items() if k not in containers}
+    out[PACKED_KEY] = codecs.pack_containers(containers)
+    return out
+
+
+def unpack_encoded(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`pack_encoded`; data without ``PACKED_KEY`` is returned as it is."""
+    if PACKED_KEY not in data:
+        return dict(data)
+    containers = codecs.unpack_containers(data[PACKED_KEY], name=f"DequantizeFilter: '{PACKED_KEY}'")
+    out = {k: v for k, v in data.items() if k != PACKED_KEY}
+    clash = sorted(set(out) & set(containers))
+    if clash:
+        raise ValueError(f"DequantizeFilter: '{clash[0]}' is both packed and sent on its own")
+    return {**out, **containers}
 
 
 def _check_record(record: Any) -> tuple[str, DataKind, dict[str, str]]:

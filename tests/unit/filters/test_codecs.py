@@ -15,6 +15,9 @@ CASES = [
     ("int8", {"block_size": 64}),
     ("int4", {}),
     ("int4", {"block_size": 256}),
+    ("int3", {}),
+    ("int3", {"block_size": 256}),
+    ("int2", {}),
     ("topk", {"topk_fraction": 0.1}),
     ("topk", {"topk_fraction": 0.01}),
 ]
@@ -40,7 +43,7 @@ def test_round_trip_stays_within_the_stated_bound(scheme, kwargs, shape):
     assert np.all(np.abs(x.astype(np.float64) - x_hat) <= codecs.error_bound(container))
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
 def test_blockwise_bound_is_one_grid_step_and_tight(bits):
     block = 64
     x = np.random.default_rng(2).uniform(-1, 1, size=4 * block).astype(np.float32)
@@ -62,13 +65,14 @@ def test_fp16_bound_is_relative_and_covers_subnormals():
     assert np.all(np.abs(x.astype(np.float64) - x_hat) <= bound)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
 def test_stochastic_rounding_is_unbiased_and_round_to_nearest_is_not(bits):
     """Mean of 2000 quantisations lands within 5 standard errors of x; round-to-nearest misses by far more."""
     draws, block = 2000, 64
     step = 1.0 / codecs.levels(bits)
     frac = np.linspace(0.1, 0.9, block - 1)  # position between two grid points, away from both
-    x = np.concatenate([[1.0], (np.arange(block - 1) % codecs.levels(bits) - 3 + frac) * step]).astype(np.float32)
+    top = codecs.levels(bits)
+    x = np.concatenate([[1.0], (np.arange(block - 1) % (2 * top) - top + frac) * step]).astype(np.float32)
     p = (x / step - np.floor(x / step)).astype(np.float64)  # probability of rounding up
     rng = np.random.default_rng(20240517)
     decoded = np.stack([codecs.decode(codecs.encode_blockwise(x, bits, rng, block_size=block)) for _ in range(draws)])
@@ -110,6 +114,8 @@ def test_encoded_bytes_shrink_by_the_expected_factor():
         "int8": codecs.encoded_nbytes(codecs.encode(x, "int8", rng)),
         "int4/64": codecs.encoded_nbytes(codecs.encode(x, "int4", rng)),
         "int4/256": codecs.encoded_nbytes(codecs.encode(x, "int4", rng, block_size=256)),
+        "int3/64": codecs.encoded_nbytes(codecs.encode(x, "int3", rng)),
+        "int2/64": codecs.encoded_nbytes(codecs.encode(x, "int2", rng)),
         "topk/0.1": codecs.encoded_nbytes(codecs.encode(x, "topk", rng, topk_fraction=0.1)),
         "topk/0.01": codecs.encoded_nbytes(codecs.encode(x, "topk", rng, topk_fraction=0.01)),
     }
@@ -119,6 +125,8 @@ def test_encoded_bytes_shrink_by_the_expected_factor():
         "int8": n + 2 * math.ceil(n / 256),  # int8 codes + float16 scales
         "int4/64": n // 2 + 2 * math.ceil(n / 64),
         "int4/256": n // 2 + 2 * math.ceil(n / 256),
+        "int3/64": math.ceil(3 * n / 8) + 2 * math.ceil(n / 64),
+        "int2/64": math.ceil(2 * n / 8) + 2 * math.ceil(n / 64),
         "topk/0.1": math.ceil(n / 8) + k10 + 2 * math.ceil(k10 / 256),  # bitmap + int8 values + scales
         "topk/0.01": 4 * k1 + k1 + 2 * math.ceil(k1 / 256),  # int32 indices + int8 values + scales
     }
@@ -126,10 +134,11 @@ def test_encoded_bytes_shrink_by_the_expected_factor():
     assert ratio["fp16"] == 2.0
     assert 3.95 < ratio["int8"] < 4.0
     assert 7.5 < ratio["int4/64"] < 7.6 and 7.85 < ratio["int4/256"] < 8.0
+    assert 9.8 < ratio["int3/64"] < 9.9 and 14.2 < ratio["int2/64"] < 14.3
     assert 17 < ratio["topk/0.1"] < 18 and 75 < ratio["topk/0.01"] < 81
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int3", "int2"])
 def test_all_zero_and_tiny_blocks_decode_cleanly(scheme):
     x = np.zeros(300, dtype=np.float32)
     x[256:] = 3e-8  # below float16's normal range: the scale rounds up to a subnormal
@@ -163,7 +172,7 @@ def test_encoders_validate_their_arguments():
     with pytest.raises(ValueError, match="fraction"):
         codecs.encode(x, "topk", np.random.default_rng(0), topk_fraction=0.0)
     with pytest.raises(ValueError, match="scheme"):
-        codecs.encode(x, "int2", np.random.default_rng(0))
+        codecs.encode(x, "int5", np.random.default_rng(0))
     with pytest.raises(ValueError, match="fp16"):
         codecs.encode(x, "fp16", block_size=64)
 
@@ -181,7 +190,7 @@ def _set_bytes(container: dict, offset: int, values: list[int]) -> dict:
 NAN_FP16 = [0x00, 0x7E]  # little-endian float16 NaN
 NEG_FP16 = [0x00, 0xBC]  # -1.0
 MALFORMED = {
-    "unknown scheme": (lambda: {**_encoded("int8"), "scheme": "int3"}, "'scheme'"),
+    "unknown scheme": (lambda: {**_encoded("int8"), "scheme": "int5"}, "'scheme'"),
     "not a dict": (lambda: [1, 2, 3], "expected an encoded container"),
     "missing field": (
         lambda: {k: v for k, v in _encoded("int8").items() if k != "block_size"},
@@ -219,3 +228,60 @@ def test_decode_rejects_malformed_containers_naming_the_tensor(case):
     with pytest.raises(ValueError, match=message) as info:
         codecs.decode(build(), name="model.0.conv.weight")
     assert str(info.value).startswith("model.0.conv.weight:")
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_sub_byte_codes_are_a_little_endian_bit_stream(bits):
+    """The documented layout, checked bit by bit: element i's code+L sits in bits b*i .. b*i+b-1 of the payload."""
+    n, block = 11, 64
+    x = np.linspace(-1, 1, n).astype(np.float32)
+    container = codecs.encode_blockwise(x, bits, np.random.default_rng(0), block_size=block)
+    body = container["payload"][2:]  # after the one float16 scale
+    assert body.size == math.ceil(n * bits / 8)
+    stream = np.unpackbits(body, bitorder="little")
+    step = float(np.float16(1.0)) / codecs.levels(bits)
+    codes = np.rint(codecs.decode(container) / step).astype(int)
+    for i, code in enumerate(codes):
+        value = sum(int(stream[bits * i + j]) << j for j in range(bits))
+        assert value == code + codecs.levels(bits)
+    assert not stream[n * bits :].any()  # padding is zero
+
+
+def test_int2_and_int3_reject_the_unused_code():
+    for scheme, byte, code in (("int2", 0b11, "code 2"), ("int3", 0b111, "code 4")):
+        container = codecs.encode(np.zeros(8, np.float32), scheme, np.random.default_rng(0))
+        payload = container["payload"].copy()
+        payload[2] |= byte  # element 0 gets the one offset code a symmetric grid never uses
+        with pytest.raises(ValueError, match=code):
+            codecs.decode({**container, "payload": payload}, "w")
+
+
+def test_packed_containers_round_trip_and_account_for_every_byte():
+    rng = np.random.default_rng(0)
+    arrays = {f"t{i}": _update((i + 1, 5), seed=i) for i in range(4)}
+    containers = {k: codecs.encode(v, "int3", rng) for k, v in arrays.items()}
+    packed = codecs.pack_containers(containers)
+    assert packed["payload"].size == sum(codecs.encoded_nbytes(c) for c in containers.values())
+    unpacked = codecs.unpack_containers(packed)
+    assert list(unpacked) == list(arrays)
+    for key, container in containers.items():
+        np.testing.assert_array_equal(codecs.decode(unpacked[key], key), codecs.decode(container, key))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda p: p.update(payload=p["payload"][:-1]), "entries add up to"),
+        (lambda p: p["entries"].append(list(p["entries"][0])), "twice"),
+        (lambda p: p["entries"].__setitem__(0, ["t0", {}, -1]), "item 0"),
+        (lambda p: p.pop("entries"), "'entries' and 'payload'"),
+        (lambda p: p["entries"][0][1].__setitem__("payload", b""), "its own payload"),
+    ],
+    ids=["short payload", "duplicate", "negative length", "no entries", "nested payload"],
+)
+def test_unpack_rejects_malformed_packs(mutate, message):
+    rng = np.random.default_rng(0)
+    packed = codecs.pack_containers({f"t{i}": codecs.encode(np.ones(9, np.float32), "int3", rng) for i in range(2)})
+    mutate(packed)
+    with pytest.raises(ValueError, match=message):
+        codecs.unpack_containers(packed)

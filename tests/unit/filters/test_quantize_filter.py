@@ -22,9 +22,9 @@ from nvflare.fuel.utils import fobs
 
 from fedseg3d.filters import codecs
 from fedseg3d.filters.message_size import MessageSizeRecorder, message_nbytes, streamed_nbytes
-from fedseg3d.filters.quantize_filter import QUANT_META_KEY, DequantizeFilter, QuantizeFilter
+from fedseg3d.filters.quantize_filter import PACKED_KEY, QUANT_META_KEY, DequantizeFilter, QuantizeFilter
 
-SCHEMES = ["fp16", "int8", "int4", "topk"]
+SCHEMES = ["fp16", "int8", "int4", "int3", "int2", "topk"]
 
 
 def _update(seed: int = 0) -> dict[str, np.ndarray]:
@@ -72,7 +72,7 @@ def _over_the_wire(shareable: Shareable) -> Shareable:
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"scheme": "int2"},
+        {"scheme": "int5"},
         {"scheme": "fp16", "block_size": 64},
         {"scheme": "int8", "block_size": 0},
         {"scheme": "int8", "block_size": 64.0},
@@ -80,6 +80,7 @@ def _over_the_wire(shareable: Shareable) -> Shareable:
         {"scheme": "topk", "topk_fraction": 1.5},
         {"scheme": "topk", "error_feedback": "yes"},
         {"scheme": "int8", "seed": -1},
+        {"scheme": "int3", "single_payload": 1},
     ],
 )
 def test_quantizer_rejects_bad_arguments(kwargs):
@@ -113,6 +114,36 @@ def test_round_trip_restores_arrays_kind_and_meta(scheme):
             continue
         assert restored.data[key].dtype == np.float32 and restored.data[key].shape == update[key].shape
         assert np.all(np.abs(restored.data[key] - update[key]) <= codecs.error_bound(container))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int3", "topk"])
+def test_single_payload_sends_one_array_and_restores_the_same_values(scheme):
+    update = _update()
+    per_tensor = QuantizeFilter(scheme=scheme, seed=5).process(_shareable(update), FLContext())
+    packed = QuantizeFilter(scheme=scheme, seed=5, single_payload=True).process(_shareable(update), FLContext())
+    sent = from_shareable(packed)
+    assert set(sent.data) == {PACKED_KEY, "model.0.steps"}  # one container for the floats, integers as they were
+    assert message_nbytes(packed) < message_nbytes(per_tensor)
+    restored = from_shareable(DequantizeFilter().process(_over_the_wire(packed), FLContext())).data
+    expected = from_shareable(DequantizeFilter().process(_over_the_wire(per_tensor), FLContext())).data
+    assert restored.keys() == update.keys()
+    for key, value in expected.items():  # same seed, same draws: identical values
+        np.testing.assert_array_equal(restored[key], value)
+
+
+def test_single_payload_refuses_a_tensor_named_like_the_pack():
+    with pytest.raises(ValueError, match=PACKED_KEY):
+        QuantizeFilter(scheme="int8", single_payload=True).process(
+            _shareable({PACKED_KEY: np.ones(3, np.float32)}), FLContext()
+        )
+
+
+def test_dequantizer_refuses_a_tensor_both_packed_and_loose():
+    wire = QuantizeFilter(scheme="int8", single_payload=True).process(_shareable(_update()), FLContext())
+    dxo = from_shareable(wire)
+    dxo.data["model.0.conv.bias"] = np.ones(8, np.int64)
+    with pytest.raises(ValueError, match="both packed and sent on its own"):
+        DequantizeFilter().process(dxo.update_shareable(wire), FLContext())
 
 
 def test_server_side_quantisation_leaves_the_shared_global_model_alone():
@@ -202,7 +233,7 @@ def _tamper(wire: Shareable, change) -> Shareable:
         (lambda d: d.data.update({"model.0.conv.bias": np.zeros(8, np.float32)}), "model.0.conv.bias.*non-float"),
         (lambda d: d.data["model.0.conv.bias"].update(scheme="fp16"), "model.0.conv.bias.*record says 'int4'"),
         (lambda d: d.meta[QUANT_META_KEY].update(data_kind="METRICS"), "data_kind"),
-        (lambda d: d.meta[QUANT_META_KEY].update(scheme="int3"), "scheme"),
+        (lambda d: d.meta[QUANT_META_KEY].update(scheme="int5"), "scheme"),
     ],
     ids=["truncated payload", "missing tensor", "float array", "scheme mismatch", "bad data kind", "bad scheme"],
 )
@@ -227,6 +258,10 @@ def test_dequantizer_passes_unquantised_messages_through():
         ("int4", {}, 6.5, 7.5),
         ("int4", {"block_size": 256}, 6.8, 7.9),
         ("topk", {"topk_fraction": 0.1}, 12.0, 18.0),
+        ("int3", {}, 7.5, 8.5),  # 3.25 bits a value: only per-tensor framing keeps it near 8x
+        ("int4", {"single_payload": True}, 7.3, 7.6),  # framing gone, 4.25 bits a value: still short of 8x
+        ("int3", {"single_payload": True}, 9.2, 9.8),  # headers and record: about 5% of the message
+        ("int2", {"single_payload": True}, 13.0, 14.0),
     ],
 )
 def test_wire_bytes_of_a_unet_sized_update(scheme, kwargs, low, high):
