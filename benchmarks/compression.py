@@ -16,7 +16,8 @@ filters, both directions, downlink as differences, one payload per message), and
 ``ModelQuantizer`` / ``ModelDequantizer`` (float16) in both directions. That one needs ``bitsandbytes``; its 8- and
 4-bit modes need CUDA, and it rejects int64 arrays, so the downlink drops ``num_batches_tracked`` with
 ``ExcludeVars`` first (FedBN sites ignore norm state). ``int4_per_tensor`` is ``int4`` with one array per tensor
-(``single_payload`` false), the wire format before one payload per message, to show what the framing costs.
+(``single_payload`` false), the wire format before one payload per message, to show what the framing costs;
+``int3_no_ef`` is ``int3`` without the uplink's error feedback.
 
 Usage:
     python benchmarks/compression.py [--rounds 10] [--local-steps 20] [--repeats 3] [--variants fp32,int8]
@@ -67,6 +68,8 @@ VARIANTS = {
     "int3": ("unet3d_fedbn_int3", {}),
     "int2": ("unet3d_fedbn_int3", {"uplink_scheme": "int2", "downlink_scheme": "int2"}),
     "int4_per_tensor": ("unet3d_fedbn_int4", {"single_payload": False}),
+    # What the uplink's error feedback buys at 3 bits (the downlink always has it: differences from the site's copy).
+    "int3_no_ef": ("unet3d_fedbn_int3", {"error_feedback": False}),
     "topk": ("unet3d_fedbn_topk", {}),
     "topk20": ("unet3d_fedbn_topk", {"uplink_topk_fraction": 0.2, "downlink_topk_fraction": 0.2}),
     # Which direction costs top-k its Dice: top-k one way, int8 the other.

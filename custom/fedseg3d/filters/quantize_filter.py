@@ -22,8 +22,10 @@ model), they build a new one.
 
 Measured on a ~300k-parameter update (MONAI UNet (8, 16, 32, 64), two residual units, 49 shared tensors; and a
 60-tensor synthetic one), as FOBS bytes against the float32 message's FOBS bytes, per-tensor framing included:
-fp16 1.96x, int8 3.75x, int4 6.7x (block 64) to 7.0x (block 256), top-k 13.3x at 10%, 16x at 5%, 31x at 1%. Only
-top-k clears 8x: 4 bits a value *is* 8x before scales and framing, so no 4-bit scheme can. Full ``WEIGHTS`` (the
+fp16 1.96x, int8 3.75x, int4 6.7x (block 64) to 7.0x (block 256), top-k 13.3x at 10%, 16x at 5%, 31x at 1%. With
+``single_payload`` (one array a message; ``tests/unit/filters/test_quantize_filter.py`` asserts the ranges on the
+60-tensor update) int4 reaches about 7.4x, int3 9.5x and int2 13.5x. 4 bits a value *is* 8x before scales and
+headers, so no 4-bit scheme clears 8x; 3 bits is the widest blockwise code that does. Full ``WEIGHTS`` (the
 server's global model) do not take top-k; the downlink therefore sends differences (``downlink_delta``).
 """
 
@@ -62,24 +64,28 @@ def _meta_without(meta: Mapping[str, Any] | None, *keys: str) -> dict[str, Any]:
 class QuantizeFilter(DXOFilter):
     """Encodes every float array of a ``WEIGHTS`` or ``WEIGHT_DIFF`` DXO with one of the codecs.
 
-    Schemes, with their array-byte ratios (the wire adds per-tensor framing, see the module docstring): ``fp16``
-    (2x), ``int8`` and ``int4`` (blockwise absmax, float16 scales, unbiased stochastic rounding; 3.97x and 7.5x at the
-    default blocks), ``topk`` (the largest ``topk_fraction`` of each tensor, int8 values; 17.7x at 10%).
+    Schemes, with their array-byte ratios (the wire adds framing, see the module docstring): ``fp16`` (2x),
+    ``int8``, ``int4``, ``int3`` and ``int2`` (blockwise absmax, float16 scales, unbiased stochastic rounding; 3.97x,
+    7.5x, 9.8x and 14.2x at the default blocks), ``topk`` (the largest ``topk_fraction`` of each tensor, int8 values;
+    17.7x at 10%).
 
-    Top-k with error feedback (Seide et al., "1-Bit Stochastic Gradient Descent", Interspeech 2014; Karimireddy et
-    al., "Error Feedback Fixes SignSGD", ICML 2019): the filter keeps, per site and tensor, what it did not send
-    (``residual = update + previous residual - decoded``) and adds it to the next round's update before selecting,
-    so every coordinate is eventually sent. That is only meaningful for ``WEIGHT_DIFF``, whose rounds add up; top-k
-    of full ``WEIGHTS`` raises. The residual lives in this instance (one per site process): it is lost on restart,
-    and a result that is sent but not aggregated (a late or rejected site) still consumes it. ``error_feedback``
-    has no effect on the other schemes, whose stochastic rounding is already unbiased.
+    Error feedback (Seide et al., "1-Bit Stochastic Gradient Descent", Interspeech 2014; Karimireddy et al., "Error
+    Feedback Fixes SignSGD", ICML 2019): the filter keeps, per site and tensor, what it did not send
+    (``residual = update + previous residual - decoded``) and adds it to the next round's update before encoding.
+    For top-k that is what lets every coordinate be sent eventually. For the stochastic-rounding schemes, which are
+    unbiased already, it bounds the *accumulated* error: without it the rounding errors of the rounds add up like a
+    random walk (about sqrt(rounds) grid steps after many rounds), with it what a site has sent in all stays within
+    one grid step of what it trained. At 3 and 2 bits a grid step is a third of a block's largest value or all of
+    it, so this matters. It applies to ``WEIGHT_DIFF`` only, whose rounds add up (full ``WEIGHTS`` are encoded
+    without it; top-k of full weights raises). The residual lives in this instance (one per site process): it is
+    lost on restart, and a result that is sent but not aggregated (a late or rejected site) still consumes it.
 
     Args:
-        scheme: ``"fp16"``, ``"int8"``, ``"int4"`` or ``"topk"``.
-        block_size: values per scale for ``int8``/``int4`` and for top-k's int8 values; the codec default (256 for
-            8-bit, 64 for 4-bit) when None. Meaningless for ``fp16``.
+        scheme: ``"fp16"``, ``"int8"``, ``"int4"``, ``"int3"``, ``"int2"`` or ``"topk"``.
+        block_size: values per scale for the blockwise schemes and for top-k's int8 values; the codec default (256
+            for 8-bit, 64 below) when None. Meaningless for ``fp16``.
         topk_fraction: share of entries kept per tensor by ``topk``, in (0, 1].
-        error_feedback: carry top-k's unsent remainder over to the next round.
+        error_feedback: carry what a weight difference lost in encoding over to the next round (every scheme).
         seed: seeds the rounding noise, mixed with the site name so that sites do not draw identical noise.
         single_payload: send every encoded tensor's bytes as one array (``codecs.pack_containers``) instead of one
             array per tensor; saves FOBS's per-array framing (about 280 bytes a tensor), which at 3 bits a value is
@@ -147,7 +153,7 @@ class QuantizeFilter(DXOFilter):
                 "model (send differences: params_transfer_type DIFF) or pick 'int8' for the global model"
             )
         site = fl_ctx.get_identity_name()
-        feedback = self.scheme == "topk" and self.error_feedback
+        feedback = self.error_feedback and dxo.data_kind == DataKind.WEIGHT_DIFF
         with self._lock:
             if site not in self._rngs:
                 self._rngs[site] = np.random.default_rng([self.seed, zlib.crc32(site.encode())])
