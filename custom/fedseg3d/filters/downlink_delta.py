@@ -78,7 +78,8 @@ class GlobalModelDeltaEncoder(DXOFilter):
             which would zero most of the model).
         seed: seeds the stochastic rounding, mixed with the site name.
         gap_store_id: id of a :class:`SiteGapStore` component: when set, the encoder records each site's gap
-            (global model sent minus the site's reconstruction) there, for :class:`RebaseOnSiteCopy`.
+            (global model sent minus the site's reconstruction) there, for :class:`RebaseOnSiteCopy`, and resends
+            full weights to a site whose last message was never answered by a result (see ``SiteGapStore``).
         single_payload: one array for all encoded tensors (see ``QuantizeFilter``).
 
     Raises:
@@ -137,9 +138,18 @@ class GlobalModelDeltaEncoder(DXOFilter):
         if not site:
             raise ValueError("GlobalModelDeltaEncoder: no requesting site in the FL context (server task data only)")
         weights = _arrays(dxo.data, "GlobalModelDeltaEncoder")
+        store = _gap_store(fl_ctx, self.gap_store_id, "GlobalModelDeltaEncoder") if self.gap_store_id else None
         with self._lock:
             rng = self._rngs.setdefault(site, np.random.default_rng([self.seed, zlib.crc32(site.encode())]))
             ref = self._refs.get(site)
+            unanswered = ref is not None and store is not None and not store.answered(site, self._seq.get(site, 0))
+            if unanswered:
+                self.log_warning(
+                    fl_ctx,
+                    f"{site} returned no result for downlink #{self._seq.get(site, 0)} (lost, failed or restarted): "
+                    "sending full weights so that its copy is rebuilt",
+                )
+                ref = None
             compatible = ref is not None and _same_layout(ref, weights)
             base = DELTA if compatible else FULL
             scheme = self.scheme if compatible else self.full_scheme
@@ -173,13 +183,12 @@ class GlobalModelDeltaEncoder(DXOFilter):
                 "crc": fingerprint(new_ref),
             }
             gaps = None
-            if self.gap_store_id:
-                store = _gap_store(fl_ctx, self.gap_store_id, "GlobalModelDeltaEncoder")
+            if store is not None:
                 gaps = {k: v.astype(np.float32) - new_ref[k] for k, v in weights.items() if v.dtype.kind == "f"}
             # Commit only once everything encoded: a failure leaves the site's state as it was (FLARE retries later).
             self._refs[site], self._seq[site] = new_ref, seq
         if gaps is not None:
-            store.put(site, gaps)
+            store.put(site, gaps, seq)
         meta = _meta_without(dxo.meta)
         meta[QUANT_META_KEY] = {
             "scheme": scheme,
@@ -291,20 +300,40 @@ class SiteGapStore(FLComponent):
     benchmark, top-k on the downlink alone cost about 0.45 Dice, top-k on the uplink alone none. Subtracting the
     gap from the site's difference turns it into ``local - global``, so FedAvg averages the models the sites
     actually trained, exactly as without compression.
+
+    It also records which downlink message each site last answered with a result. A site that never answers message
+    #N (the message was lost after the server encoded it, the site's decoder refused it, or the site failed or
+    restarted) would refuse every later difference, which assumes it holds copy #N; the encoder sees the message
+    unanswered and sends full weights instead, so the site recovers in one round rather than failing every round.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._lock = threading.Lock()
         self._gaps: dict[str, dict[str, np.ndarray]] = {}
+        self._sent: dict[str, int] = {}
+        self._answered: dict[str, int] = {}
 
-    def put(self, site: str, gaps: dict[str, np.ndarray]) -> None:
+    def put(self, site: str, gaps: dict[str, np.ndarray], seq: int = 0) -> None:
+        """Record the gap of downlink message ``seq`` to ``site`` (not answered yet)."""
         with self._lock:
             self._gaps[site] = gaps
+            self._sent[site] = seq
 
     def get(self, site: str) -> dict[str, np.ndarray] | None:
         with self._lock:
             return self._gaps.get(site)
+
+    def mark_answered(self, site: str) -> None:
+        """``site`` returned a result for the last message it was sent (so it holds that copy)."""
+        with self._lock:
+            if site in self._sent:
+                self._answered[site] = self._sent[site]
+
+    def answered(self, site: str, seq: int) -> bool:
+        """Whether ``site`` returned a result for downlink message ``seq``."""
+        with self._lock:
+            return self._answered.get(site) == seq
 
 
 class RebaseOnSiteCopy(DXOFilter):
@@ -328,7 +357,8 @@ class RebaseOnSiteCopy(DXOFilter):
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
         peer = fl_ctx.get_peer_context()
         site = peer.get_identity_name() if peer is not None else ""
-        gaps = _gap_store(fl_ctx, self.gap_store_id, "RebaseOnSiteCopy").get(site)
+        store = _gap_store(fl_ctx, self.gap_store_id, "RebaseOnSiteCopy")
+        gaps = store.get(site)
         if gaps is None:
             raise ValueError(f"RebaseOnSiteCopy: no downlink gap recorded for site {site!r}")
         data = {}
@@ -339,6 +369,7 @@ class RebaseOnSiteCopy(DXOFilter):
             if key not in gaps or gaps[key].shape != value.shape:
                 raise ValueError(f"RebaseOnSiteCopy: {site} sent '{key}' {value.shape}, which its downlink gap lacks")
             data[key] = (value.astype(np.float32) - gaps[key]).astype(value.dtype)
+        store.mark_answered(site)
         return DXO(data_kind=dxo.data_kind, data=data, meta=_meta_without(dxo.meta))
 
 

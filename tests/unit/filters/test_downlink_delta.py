@@ -193,6 +193,9 @@ class _Engine:
     def get_component(self, component_id: str):
         return self.components.get(component_id)
 
+    def fire_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        """Warnings from a component fire an event through the engine."""
+
 
 def _with_engine(fl_ctx: FLContext, engine: _Engine) -> FLContext:
     fl_ctx.set_prop(ReservedKey.ENGINE, engine, private=True, sticky=False)
@@ -207,6 +210,7 @@ def test_rebase_turns_the_sites_difference_into_local_minus_global():
     link, rng, model = Link(encoder, "site-1"), np.random.default_rng(7), _model()
     link.encoder.process = lambda s, ctx, f=encoder.process: f(s, _with_engine(ctx, engine))
     link.send(model)
+    store.mark_answered("site-1")  # the site's first result came back, as RebaseOnSiteCopy records it
     model = _step(model, rng, scale=1e-2)
     copy = link.send(model)  # lossy: top-k of a dense change
     assert _gap(model, copy) > 1e-3
@@ -228,3 +232,40 @@ def test_rebase_fails_closed_without_a_recorded_gap_or_store():
         )
     with pytest.raises(ValueError, match="not a SiteGapStore"):
         RebaseOnSiteCopy("gaps").process(result, _with_engine(_ctx("server", peer="site-9"), _Engine({})))
+
+
+def _site_result(engine: _Engine, site: str) -> None:
+    """A site's train result passing the server's RebaseOnSiteCopy, which marks the downlink answered."""
+    result = DXO(data_kind=DataKind.WEIGHT_DIFF, data={"conv.bias": np.zeros(16, np.float32)}).to_shareable()
+    RebaseOnSiteCopy("downlink_gaps").process(result, _with_engine(_ctx("server", peer=site), engine))
+
+
+def test_an_unanswered_message_is_followed_by_full_weights_and_the_site_recovers():
+    store = SiteGapStore()
+    engine = _Engine({"downlink_gaps": store})
+    encoder = GlobalModelDeltaEncoder(scheme="int8", gap_store_id="downlink_gaps")
+    link, rng, model = Link(encoder, "site-1"), np.random.default_rng(8), _model()
+    link.encoder.process = lambda s, ctx, f=encoder.process: f(s, _with_engine(ctx, engine))
+    bases = []
+    for round_num in range(5):
+        model = _step(model, rng)
+        if round_num == 2:
+            link.encode(model)  # encoded, never delivered, no result: the site still holds copy #2
+            continue
+        sent = link.encode(model)
+        bases.append(from_shareable(sent).get_meta_prop(DELTA_META_KEY)["base"])
+        received = link.receive(sent)
+        assert _gap(model, received) < 1e-2  # the site holds (a close copy of) the current global model
+        _site_result(engine, "site-1")
+    assert bases == ["full", "delta", "full", "delta"]  # one full resend after the lost message, then differences
+
+
+def test_without_results_every_message_is_full():
+    """No RebaseOnSiteCopy answering (a job wired without it) means no acknowledgement: safe, but no savings."""
+    store = SiteGapStore()
+    engine = _Engine({"downlink_gaps": store})
+    encoder = GlobalModelDeltaEncoder(scheme="int8", gap_store_id="downlink_gaps")
+    link, model = Link(encoder, "site-1"), _model()
+    link.encoder.process = lambda s, ctx, f=encoder.process: f(s, _with_engine(ctx, engine))
+    for _ in range(2):
+        assert from_shareable(link.encode(model)).get_meta_prop(DELTA_META_KEY)["base"] == "full"
