@@ -88,7 +88,7 @@ lint: install ## ruff check and format check
 format: install ## apply ruff formatting and safe fixes
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
-bench-compression: install ## Dice vs bytes per scheme (simulator, ~20 min on 2 cores): docs/compression_benchmark.md
+bench-compression: install ## Dice vs bytes per scheme, 3 runs each (simulator, ~40 min on 2 cores): docs/compression_benchmark.md
 	$(PY) benchmarks/compression.py --workspace $(WORKSPACE)/bench_compression
 
 clean: ## remove generated data, builds and workspaces (not the virtualenv)
