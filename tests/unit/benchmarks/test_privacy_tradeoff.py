@@ -175,7 +175,7 @@ def test_markdown_shows_sigma_per_site_per_round_dice_and_every_command():
         "machine": {"cpu_cores": 2, "cpu": "x", "gpu": "none", "torch": "t", "python": "p"},
         "budget": {"seed": 0, "cases_scale": 8.0, "fov_mm": 64.0, "rounds": 2, "local_steps": 0, "local_epochs": 1,
                    "patients_per_step": 16},
-        "cases": {},
+        "cases": {"site-1": "13/4", "site-2": "8/4"},
         "rows": rows,
         "verdict": verdict(rows),
     }  # fmt: skip
@@ -183,7 +183,7 @@ def test_markdown_shows_sigma_per_site_per_round_dice_and_every_command():
     assert text.startswith("# Scaled") and "`first`" in text and "`second`" in text
     assert "| 1.15 / 1.32 |" in text and "7.995" in text and "| 7.2 / 4.5 |" in text
     assert "| dpsgd_eps8 | 0.060 | 0.200 | 0.600 |" in text and "| organ 0.900, lesion 0.010 |" in text
-    assert "16 expected patients per step" in text
+    assert "16 expected patients per step" in text and "2 synthetic sites" in text
 
 
 def test_markdown_has_one_table_line_per_row():
@@ -194,7 +194,7 @@ def test_markdown_has_one_table_line_per_row():
         "total_seconds": 60.0,
         "machine": {"cpu_cores": 2, "cpu": "x", "gpu": "none", "torch": "t", "python": "p"},
         "budget": {"seed": 0, "cases_scale": 1.0, "fov_mm": 48.0, "rounds": 2, "local_steps": 2},
-        "cases": {},
+        "cases": {"site-1": "13/4", "site-2": "8/4"},
         "rows": rows,
         "verdict": verdict(rows),
     }
