@@ -12,11 +12,24 @@ DP-SGD steps of 2 expected patients in DP-SGD). For each it reports:
   model as each site uses it, averaged over sites.
 
 Each configuration gets a fresh privacy ledger with a budget no run reaches (so no round is refused and epsilon is
-this job's alone). Results go to ``docs/privacy_benchmark.md`` and ``.json`` (``--quick``: a smoke run of a few
-minutes that writes under the workspace instead, so it never overwrites the committed figures).
+this job's alone), and the server's initial model is seeded (``--seed``, or a row's own ``seed``). Results go to
+``docs/privacy_benchmark.md`` and ``.json`` (``--quick``: a smoke run of a few minutes that writes under the
+workspace instead, so it never overwrites the committed figures). Each row also records the global model's Dice
+before every round, the noise multiplier each site trained with (from its ledger) and the site's sizes.
+
+Larger sites (issue 3's data lever): ``--cases-scale`` multiplies the patients per site, ``--patients-per-step`` sets
+DP-SGD's expected batch, ``--rounds`` / ``--local-epochs`` / ``--local-steps`` the data budget of every row, and
+``--target-epsilons 8,4`` replaces the fixed-sigma DP-SGD rows by rows whose sites calibrate their own noise
+multiplier to that epsilon for the whole job (the job's ``target_epsilon`` knob: Opacus's
+``get_noise_multiplier`` from the site's patient count, sampling rate, steps and delta). ``--row`` adds any job with
+any knobs (a lever, or a repeat with another seed), ``--report-name`` writes another report, and ``--merge`` keeps
+the rows of an earlier run of that report that this run does not redo (each row keeps its own command).
 
 Usage:
     python benchmarks/privacy_tradeoff.py [--quick] [--workspace workspace/bench-privacy] [--out-dir docs]
+    python benchmarks/privacy_tradeoff.py --cases-scale 8 --rounds 10 --local-epochs 1 --patients-per-step 16 \
+        --target-epsilons 8,4 --only fedbn,fedavg_instancenorm,dpsgd_eps8,dpsgd_eps4 \
+        --report-name privacy_benchmark_scaled
 """
 
 from __future__ import annotations
@@ -25,11 +38,12 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,13 +51,17 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "custom"), str(REPO)]  # run from a checkout without an editable install too
 
+from benchmarks.federated import job_variables, parse_run, seed_initial_model  # noqa: E402
 from benchmarks.machine import machine_info  # noqa: E402
+from benchmarks.privacy_tradeoff_report import markdown, sigma_cell, verdict  # noqa: E402
 from fedseg3d.data.site_config import SITES_ROOT_ENV  # noqa: E402
 from fedseg3d.data.synthetic import generate_sites  # noqa: E402
+from fedseg3d.privacy.accounting import PATIENT  # noqa: E402
+from fedseg3d.privacy.ledger import BUDGET_FILE_NAME, PrivacyLedger, load_site_privacy_budget  # noqa: E402
 from fedseg3d.privacy.site_budget import PRIVACY_DIR_ENV, write_site_budget  # noqa: E402
-from fedseg3d.tools.build_jobs import build_jobs  # noqa: E402
+from fedseg3d.tools.build_jobs import build_jobs, parse_override  # noqa: E402
 from fedseg3d.tools.privacy_audit import find_epsilons, run_audit  # noqa: E402
-from fedseg3d.tools.report import find_cross_site_results, site_rows  # noqa: E402
+from fedseg3d.tools.report import FINAL_GLOBAL, find_cross_site_results, site_rows  # noqa: E402
 from fedseg3d.tools.simulate import simulator_command  # noqa: E402
 
 DELTA = 1e-5
@@ -63,30 +81,56 @@ class Config:
 
 @dataclass(frozen=True)
 class Budget:
-    """What every configuration gets: data, rounds and local work."""
+    """What every configuration gets: data, rounds and local work.
+
+    Attributes:
+        local_steps: optimizer steps per round (DP-SGD: DP-SGD steps); 0 means ``local_epochs`` passes instead.
+        local_epochs: passes over a site's training cases per round when ``local_steps`` is 0 (DP-SGD: expected
+            passes over the patients).
+        patients_per_step: DP-SGD's expected batch (Poisson rate = this / the site's patients).
+    """
 
     rounds: int
     local_steps: int
     cases_scale: float
     fov_mm: float
     seed: int = 0
+    local_epochs: int = 1
+    patients_per_step: int = 2
 
 
 FULL = Budget(rounds=10, local_steps=10, cases_scale=2.0, fov_mm=64.0)
 QUICK = Budget(rounds=2, local_steps=2, cases_scale=1.0, fov_mm=48.0)
 
 
-def configurations(quick: bool) -> list[Config]:
-    """The rows: non-private FedBN, FedBN with site-level DP at a few noise levels, and patient-level DP-SGD."""
+def configurations(
+    quick: bool, target_epsilons: list[float] | None = None, extra: list[Config] | None = None
+) -> list[Config]:
+    """The rows: non-private FedBN, FedBN with site-level DP at a few noise levels, and patient-level DP-SGD.
+
+    Args:
+        quick: the smoke run's few rows.
+        target_epsilons: DP-SGD rows calibrated by each site to these epsilons (``dpsgd_eps<e>``) instead of the
+            fixed noise multipliers.
+        extra: more rows, appended (``--row``).
+    """
     reference = Config("fedbn", "unet3d_fedbn", note="non-private reference")
     site_dp = [
         Config(f"fedbn_dp_sigma{s:g}", "unet3d_fedbn_dp", {"noise_multiplier": s}, "site-level DP, clip 1.0")
         for s in ((1.0,) if quick else (1.0, 2.0, 4.0))
     ]
-    dpsgd = [
-        Config(f"dpsgd_sigma{s:g}", "unet3d_dpsgd", {"noise_multiplier": s}, "patient-level DP-SGD, clip 1.0")
-        for s in ((1.0,) if quick else (1.2, 2.0))
-    ]
+    if target_epsilons:
+        dpsgd = [
+            Config(
+                f"dpsgd_eps{e:g}", "unet3d_dpsgd", {"target_epsilon": e}, f"patient-level DP-SGD calibrated to {e:g}"
+            )
+            for e in target_epsilons
+        ]
+    else:
+        dpsgd = [
+            Config(f"dpsgd_sigma{s:g}", "unet3d_dpsgd", {"noise_multiplier": s}, "patient-level DP-SGD, clip 1.0")
+            for s in ((1.0,) if quick else (1.2, 2.0))
+        ]
     # DP-SGD needs instance norm and plain FedAvg: its fair non-private reference is that network without DP.
     instancenorm = Config(
         "fedavg_instancenorm",
@@ -94,13 +138,33 @@ def configurations(quick: bool) -> list[Config]:
         {"model_preset": "unet3d_tiny_instancenorm"},
         "non-private reference for DP-SGD (same network)",
     )
-    return [reference, *site_dp, *([] if quick else [instancenorm]), *dpsgd]
+    return [reference, *site_dp, *([] if quick else [instancenorm]), *dpsgd, *(extra or [])]
+
+
+def parse_row(text: str) -> Config:
+    """``NAME:JOB[:knob=value,knob=value]`` (values as in ``build_jobs --set``) as a benchmark row.
+
+    Raises:
+        ValueError: the text is not of that form or names no job in ``jobs/``.
+    """
+    parts = text.split(":", 2)
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise ValueError(f"row '{text}' must look like NAME:JOB[:knob=value,...]")
+    name, job = parts[0], parts[1]
+    if not (REPO / "jobs" / job / "meta.json").is_file():
+        raise ValueError(f"row '{text}': no job '{job}' in {REPO / 'jobs'}")
+    overrides = dict(parse_override(item) for item in parts[2].split(",")) if len(parts) == 3 and parts[2] else {}
+    return Config(name, job, overrides, "extra row (--row)")
 
 
 def job_overrides(config: Config, budget: Budget) -> dict[str, Any]:
-    """The shared budget plus the configuration's own knobs (DP-SGD counts ``local_steps`` in DP-SGD steps)."""
+    """The shared budget plus the configuration's own knobs (DP-SGD counts ``local_steps`` in DP-SGD steps and
+    ``local_epochs`` in expected passes over the patients; ``patients_per_step`` goes to the jobs that have it)."""
     shared = {"num_rounds": budget.rounds, "sites_per_round": len(SITES), "seed": budget.seed}
     shared["local_steps"] = budget.local_steps
+    shared["local_epochs"] = budget.local_epochs
+    if "patients_per_step" in job_variables(config.job):
+        shared["patients_per_step"] = budget.patients_per_step
     return {**shared, **config.overrides}
 
 
@@ -109,7 +173,9 @@ def run_config(config: Config, budget: Budget, sites_root: Path, workspace: Path
     root = workspace / config.name
     if root.exists():
         shutil.rmtree(root)
-    (job_dir,) = build_jobs(REPO / "jobs", root / "jobs", [config.job], job_overrides(config, budget), len(SITES))
+    overrides = job_overrides(config, budget)
+    (job_dir,) = build_jobs(REPO / "jobs", root / "jobs", [config.job], overrides, len(SITES))
+    seed_initial_model(job_dir, int(overrides["seed"]))  # same start for every run of a network, unless re-seeded
     privacy_dir = root / "privacy"
     for site in SITES:
         write_site_budget(privacy_dir / site, UNREACHABLE_BUDGET, DELTA)
@@ -130,23 +196,15 @@ def run_config(config: Config, budget: Budget, sites_root: Path, workspace: Path
     sim_seconds = time.perf_counter() - started
     if code != 0:
         raise RuntimeError(f"{config.name}: simulator exited with {code}; see {log}")
-    dice_rows = site_rows(json.loads(find_cross_site_results(run_dir).read_text()))
     started = time.perf_counter()
     audit = [row for row in run_audit(run_dir, sites_root, SITES, resamples=1000) if row["model"] == "global"]
     audit_seconds = time.perf_counter() - started
-    epsilons = find_epsilons(run_dir)
-    worst = max(epsilons.values(), key=lambda e: e["epsilon"]) if epsilons else None
     return {
         "name": config.name,
         "job": config.job,
         "overrides": config.overrides,
         "note": config.note,
-        "mean_dice": _mean([float(r["global_final"]) for r in dice_rows]),
-        "site_dice": {r["site"]: float(r["global_final"]) for r in dice_rows},
-        "epsilon": worst["epsilon"] if worst else None,
-        "delta": worst["delta"] if worst else None,
-        "unit": worst["unit"] if worst else None,
-        "site_epsilon": {site: e["epsilon"] for site, e in epsilons.items()},
+        **read_outcome(config, root),
         "attack_auc": _mean([r["auc"] for r in audit]),
         "site_audit": {
             r["site"]: {k: r[k] for k in ("auc", "auc_low", "auc_high", "n_members", "n_nonmembers")} for r in audit
@@ -157,85 +215,174 @@ def run_config(config: Config, budget: Budget, sites_root: Path, workspace: Path
     }
 
 
+def read_outcome(config: Config, root: Path) -> dict[str, Any]:
+    """What the finished run under ``root`` (``<workspace>/<row name>``) measured, from its files alone: final Dice
+    (mean, per site, per class), the global Dice before each round, epsilon, each site's DP-SGD parameters from its
+    ledger and its training time per round. ``--reread`` calls it again on a kept workspace (no simulator run).
+
+    Raises:
+        FileNotFoundError: the run did not finish (no cross-site results).
+    """
+    run_dir, privacy_dir = root / "sim", root / "privacy"
+    matrix = json.loads(find_cross_site_results(run_dir).read_text())
+    dice_rows = site_rows(matrix)
+    site_class_dice = {
+        site: {
+            k.removeprefix("val_dice_"): float(v) for k, v in scores[FINAL_GLOBAL].items() if k.startswith("val_dice_")
+        }
+        for site, scores in sorted(matrix.items())
+        if FINAL_GLOBAL in scores
+    }
+    classes = list(dict.fromkeys(name for by_class in site_class_dice.values() for name in by_class))
+    epsilons = find_epsilons(run_dir)
+    worst = max(epsilons.values(), key=lambda e: e["epsilon"]) if epsilons else None
+    parsed = parse_run(config.job, run_dir / "server" / "simulate_job", {})
+    return {
+        "mean_dice": _mean([float(r["global_final"]) for r in dice_rows]),
+        "site_dice": {r["site"]: float(r["global_final"]) for r in dice_rows},
+        "class_dice": {c: _mean([d[c] for d in site_class_dice.values() if c in d]) for c in classes},
+        "site_class_dice": site_class_dice,
+        "per_round_dice": {r: _mean(list(by_site.values())) for r, by_site in sorted(parsed.per_round.items())},
+        "epsilon": worst["epsilon"] if worst else None,
+        "delta": worst["delta"] if worst else None,
+        "unit": worst["unit"] if worst else None,
+        "site_epsilon": {site: e["epsilon"] for site, e in epsilons.items()},
+        "dp_sgd": dp_sgd_parameters(privacy_dir),
+        "site_train_seconds_per_round": {
+            site: _mean([r["train_seconds"] for r in parsed.rounds if r["site"] == site and "train_seconds" in r])
+            for site in SITES
+        },
+    }
+
+
+def dp_sgd_parameters(privacy_dir: Path) -> dict[str, dict[str, Any]]:
+    """Per site, what its DP-SGD rounds ran with, from its ledger: noise multiplier, sample rate, patients, expected
+    batch, steps in all and the target epsilon it calibrated to (empty for jobs without DP-SGD)."""
+    sites = {}
+    for site in SITES:
+        path = privacy_dir / site / BUDGET_FILE_NAME
+        ledger = PrivacyLedger(load_site_privacy_budget(path).ledger_file) if path.is_file() else None
+        entries = [e for e in ledger.entries() if e.unit == PATIENT] if ledger else []
+        if not entries:
+            continue
+        last = entries[-1]
+        sites[site] = {
+            "noise_multipliers": sorted({e.noise_multiplier for e in entries}),
+            "sample_rate": last.sample_rate,
+            "patients": last.details.get("patients"),
+            "patients_per_step": last.details.get("patients_per_step"),
+            "max_grad_norm": last.details.get("max_grad_norm"),
+            "target_epsilon": last.details.get("target_epsilon"),
+            "rounds": len(entries),
+            "steps": sum(e.steps for e in entries),
+        }
+    return sites
+
+
 def _mean(values: list[float]) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return sum(finite) / len(finite) if finite else math.nan
 
 
-def verdict(rows: list[dict[str, Any]], goal_epsilon: float = 8.0, goal_loss: float = 0.02) -> list[str]:
-    """Read the results against the goal (patient-level epsilon <= 8 loses at most 0.02 Dice vs FedBN)."""
-    reference = next((r for r in rows if r["name"] == "fedbn"), None)
-    if reference is None:
-        return ["no non-private FedBN row: nothing to compare against"]
-    lines = []
-    for row in rows:
-        if row["epsilon"] is None:
+def budget_from_args(args: argparse.Namespace) -> Budget:
+    """The mode's budget with the command line's changes (``--local-epochs`` alone means ``local_steps`` 0).
+
+    Raises:
+        ValueError: a value out of range, naming the option.
+    """
+    base = QUICK if args.quick else FULL
+    changes: dict[str, Any] = {}
+    for option, field_name, low in (
+        ("rounds", "rounds", 1),
+        ("local_epochs", "local_epochs", 1),
+        ("local_steps", "local_steps", 0),
+        ("patients_per_step", "patients_per_step", 1),
+        ("seed", "seed", 0),
+    ):
+        value = getattr(args, option)
+        if value is None:
             continue
-        loss = reference["mean_dice"] - row["mean_dice"]
-        head = f"{row['name']}: Dice {-loss:+.4f} vs FedBN at {row['unit']} epsilon {row['epsilon']:.3g}"
-        if row["unit"] != "patient":
-            lines.append(f"{head}: a site-level epsilon, not comparable with the goal's patient-level one")
-        elif row["epsilon"] > goal_epsilon:
-            lines.append(f"{head}: epsilon above {goal_epsilon:g}, outside the goal")
-        else:
-            lines.append(f"{head}: {'meets' if loss <= goal_loss else 'misses'} the goal")
-    return lines
+        if value < low:
+            raise ValueError(f"--{option.replace('_', '-')} must be >= {low}, got {value}")
+        changes[field_name] = value
+    if args.cases_scale is not None:
+        if not args.cases_scale > 0:
+            raise ValueError(f"--cases-scale must be > 0, got {args.cases_scale}")
+        changes["cases_scale"] = args.cases_scale
+    if args.local_epochs is not None and args.local_steps is None:
+        changes["local_steps"] = 0
+    return replace(base, **changes)
 
 
-def markdown(result: dict[str, Any]) -> str:
-    """The report: command, machine, date, budget, the table and the verdict."""
-    m, b = result["machine"], result["budget"]
-    lines = [
-        "# Privacy/utility benchmark",
-        "",
-        f"Generated by `{result['command']}` on {result['date']} ({result['total_seconds'] / 60:.1f} min).",
-        f"Machine: {m['cpu_cores']} CPU cores ({m['cpu']}), GPU: {m['gpu']}; torch {m['torch']}, Python {m['python']}.",
-        "The CPU was shared with other work: see the load average (1 min, before and after each run).",
-        "",
-        f"Budget per configuration: {len(SITES)} synthetic sites (seed {b['seed']}, `cases_scale` {b['cases_scale']}, "
-        f"{b['fov_mm']:g} mm volumes), {b['rounds']} rounds, {b['local_steps']} local steps per round (FedBN/FedAvg: "
-        "batches of 2 patches; DP-SGD: steps of 2 expected patients), the same seed everywhere. Cases per site "
-        f"(members/non-members): {result['cases']}.",
-        "",
-        "Dice: mean over sites of the final global model's validation Dice (cross-site evaluation, as "
-        "`fedseg3d.tools.report`). Epsilon: the largest cumulative epsilon any site declared, at delta = 1e-5, "
-        "for the unit named (site = one site's whole update per round; patient = one patient). AUC: "
-        "loss-threshold membership attack on the final global model as each site uses it, mean over sites "
-        "(0.5 = no better than chance; per-site 95% bootstrap intervals in the JSON).",
-        "",
-        "| configuration | job | Dice | Dice vs FedBN | epsilon | unit | attack AUC | sim s | load before/after |",
-        "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | --- |",
-    ]
-    reference = next((r["mean_dice"] for r in result["rows"] if r["name"] == "fedbn"), math.nan)
-    for r in result["rows"]:
-        eps = "-" if r["epsilon"] is None else f"{r['epsilon']:.3g}"
-        lines.append(
-            f"| {r['name']} | {r['job']} | {r['mean_dice']:.4f} | {r['mean_dice'] - reference:+.4f} | {eps} "
-            f"| {r['unit'] or '-'} | {r['attack_auc']:.3f} | {r['simulator_seconds']:.0f} "
-            f"| {r['load_average_1min'][0]:.2f} / {r['load_average_1min'][1]:.2f} |"
+def merge_rows(earlier: dict[str, Any], rows: list[dict[str, Any]], budget: Budget, cases: dict) -> list[dict]:
+    """Rows of an earlier report that this run did not redo, in their order, then this run's new rows.
+
+    Raises:
+        ValueError: the earlier report had another budget or other sites (its rows would not compare).
+    """
+    if earlier.get("budget") != asdict(budget) or earlier.get("cases") != cases:
+        raise ValueError(
+            f"--merge: the earlier report's budget {earlier.get('budget')} / cases {earlier.get('cases')} differ "
+            f"from this run's {asdict(budget)} / {cases}; its rows would not compare"
         )
-    lines += ["", "Against the goal (patient-level epsilon <= 8 at delta 1e-5 loses at most 0.02 Dice vs FedBN):", ""]
-    lines += [f"- {line}" for line in result["verdict"]]
-    return "\n".join(lines) + "\n"
+    new = {r["name"]: r for r in rows}
+    merged = [new.pop(r["name"], {"command": earlier["command"], **r}) for r in earlier["rows"]]
+    return merged + list(new.values())
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, 3 configurations, smaller data")
     parser.add_argument("--workspace", type=Path, default=REPO / "workspace" / "bench-privacy")
     parser.add_argument("--out-dir", type=Path, default=None, help="default: docs/ (full) or the workspace (quick)")
-    parser.add_argument("--only", default=None, help="comma-separated configuration names to run (default: all)")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated configuration names to run, --row's included (default: all)"
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per simulator run")
+    parser.add_argument("--cases-scale", type=float, default=None, help="multiplies each site's patients")
+    parser.add_argument("--rounds", type=int, default=None, help="federated rounds of every row")
+    parser.add_argument("--local-epochs", type=int, default=None, help="passes per round (sets local steps to 0)")
+    parser.add_argument("--local-steps", type=int, default=None, help="steps per round; 0: --local-epochs passes")
+    parser.add_argument("--patients-per-step", type=int, default=None, help="DP-SGD's expected batch of patients")
+    parser.add_argument("--seed", type=int, default=None, help="data, job and initial-model seed (default 0)")
+    parser.add_argument(
+        "--target-epsilons", default=None, help="comma-separated epsilons: DP-SGD rows calibrated to each"
+    )
+    parser.add_argument(
+        "--row", action="append", default=[], metavar="NAME:JOB[:knob=value,...]", help="an extra row (repeatable)"
+    )
+    parser.add_argument("--report-name", default="privacy_benchmark", help="writes <out-dir>/<name>.md and .json")
+    parser.add_argument("--title", default="Privacy/utility benchmark", help="the report's heading")
+    parser.add_argument("--merge", action="store_true", help="keep the earlier report's rows this run does not redo")
+    parser.add_argument(
+        "--reread",
+        action="store_true",
+        help="with --merge: re-read the selected rows' finished runs kept under the workspace with this code "
+        "(no simulator run; their command, attack AUC and timings stay those of the run)",
+    )
     args = parser.parse_args(argv)
-    budget = QUICK if args.quick else FULL
+    try:
+        budget = budget_from_args(args)
+        targets = [float(e) for e in args.target_epsilons.split(",")] if args.target_epsilons else None
+        extra = [parse_row(text) for text in args.row]
+    except ValueError as err:
+        parser.error(str(err))
     out_dir = args.out_dir or (args.workspace if args.quick else REPO / "docs")
-    configs = configurations(args.quick)
+    configs = configurations(args.quick, targets, extra)
+    if len({c.name for c in configs}) != len(configs):
+        parser.error(f"two rows share a name: {[c.name for c in configs]}")
     if args.only:
         wanted = args.only.split(",")
         unknown = sorted(set(wanted) - {c.name for c in configs})
         if unknown:
             parser.error(f"--only: unknown configuration(s) {unknown}; known: {[c.name for c in configs]}")
         configs = [c for c in configs if c.name in wanted]
+    json_path, md_path = out_dir / f"{args.report_name}.json", out_dir / f"{args.report_name}.md"
+    earlier = json.loads(json_path.read_text()) if args.merge and json_path.is_file() else None
+    earlier_rows = {r["name"]: r for r in earlier["rows"]} if earlier else {}
+    if args.reread and not {c.name for c in configs} <= set(earlier_rows):
+        parser.error(f"--reread needs --merge and an earlier {json_path} with every selected row")
 
     started = time.perf_counter()
     sites_root = args.workspace / "data"
@@ -246,17 +393,28 @@ def main(argv: list[str] | None = None) -> None:
     for site in SITES:
         datalist = json.loads((sites_root / site / "datalist.json").read_text())
         cases[site] = f"{len(datalist['training'])}/{len(datalist['validation'])}"
+    print(f"sites (training/validation cases): {cases}; budget {asdict(budget)}", flush=True)
+    command = shlex.join(["python", "benchmarks/privacy_tradeoff.py", *argv])
     rows = []
     for config in configs:
         print(f"[{time.perf_counter() - started:6.0f} s] {config.name}: {config.job} {config.overrides}", flush=True)
-        row = run_config(config, budget, sites_root, args.workspace, args.timeout)
+        if args.reread:
+            outcome = read_outcome(config, args.workspace / config.name)
+            row = {**earlier_rows[config.name], **outcome, "reread_by": command}
+        else:
+            row = {"command": command, **run_config(config, budget, sites_root, args.workspace, args.timeout)}
         eps = "-" if row["epsilon"] is None else f"{row['epsilon']:.3g} ({row['unit']})"
-        print(f"    Dice {row['mean_dice']:.4f}  epsilon {eps}  attack AUC {row['attack_auc']:.3f}", flush=True)
+        print(
+            f"    Dice {row['mean_dice']:.4f}  epsilon {eps}  sigma {sigma_cell(row)}  attack AUC "
+            f"{row['attack_auc']:.3f}  sim {row['simulator_seconds']:.0f} s  per round "
+            f"{[round(v, 3) for v in row['per_round_dice'].values()]}",
+            flush=True,
+        )
         rows.append(row)
-    command = "python benchmarks/privacy_tradeoff.py" + (" --quick" if args.quick else "")
-    if args.only:
-        command += f" --only {args.only}"
+    if earlier is not None:
+        rows = merge_rows(earlier, rows, budget, cases)
     result = {
+        "title": args.title,
         "command": command,
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_info(),
@@ -267,11 +425,11 @@ def main(argv: list[str] | None = None) -> None:
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "privacy_benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
     report = markdown(result)
-    (out_dir / "privacy_benchmark.md").write_text(report)
+    md_path.write_text(report)
     print(report)
-    print(f"wrote {out_dir / 'privacy_benchmark.md'} and .json")
+    print(f"wrote {md_path} and .json")
 
 
 if __name__ == "__main__":

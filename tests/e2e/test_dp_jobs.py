@@ -132,3 +132,20 @@ def test_dpsgd_job_completes_and_records_patient_epsilon_per_site_and_round(tiny
     assert (server_run / "app_server" / "FL_global_model.pt").is_file()
     matrix = json.loads((server_run / "cross_site_val" / "cross_val_results.json").read_text())
     assert set(matrix) == set(SITES)
+
+
+def test_dpsgd_job_with_a_target_epsilon_calibrates_each_site_and_ends_within_it(tiny_sites, tmp_path):
+    privacy = tmp_path / "privacy"
+    for site in SITES:
+        write_site_budget(privacy / site, epsilon_budget=100.0, delta=DELTA)
+    overrides = {"sites_per_round": 2, "num_rounds": 2, "local_steps": 2, "patients_per_step": 1, "target_epsilon": 6.0}
+    workspace = simulate("unet3d_dpsgd", tiny_sites, privacy, tmp_path, overrides)
+
+    records = server_file(workspace, "privacy.jsonl")
+    for site in SITES:
+        entries = ledger(privacy, site).entries()
+        assert [e.round for e in entries] == [0, 1]
+        sigmas = {e.noise_multiplier for e in entries}
+        assert len(sigmas) == 1 and sigmas != {1.0}, "the site's own calibrated sigma, the same in every round"
+        final = max((r for r in records if r["site"] == site), key=lambda r: r["round"])
+        assert 6.0 - 0.05 < final["epsilon"] <= 6.0

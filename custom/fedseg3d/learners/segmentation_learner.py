@@ -78,6 +78,7 @@ class SegmentationLearner(Learner):
             raise ValueError(f"require_privacy_budget must be true or false, got {require_privacy_budget!r}")
         self.require_privacy_budget = require_privacy_budget
         self._job_privacy_history: list[Mechanism] = []
+        self._calibration: dict[str, Any] | None = None  # target_epsilon: the noise this site picked (first round)
         self._site_config_dir: str | None = None
         self.trainer: SiteTrainer | None = None
         self.setup_error: str | None = None
@@ -148,8 +149,8 @@ class SegmentationLearner(Learner):
         budget = None
         if self.dp_sgd is not None:
             try:
-                budget = self._privacy_budget_or_refuse(current_round)
-            except (PrivacyBudgetExceeded, PrivacyLedgerError, RuntimeError, FileNotFoundError) as err:
+                budget = self._privacy_budget_or_refuse(current_round, total_rounds, fl_ctx)
+            except (PrivacyBudgetExceeded, PrivacyLedgerError, RuntimeError, FileNotFoundError, ValueError) as err:
                 self.log_error(fl_ctx, f"site {self.site_name} refuses round {current_round + 1}: {err}")
                 return make_reply(ReturnCode.EXECUTION_EXCEPTION)
 
@@ -187,18 +188,22 @@ class SegmentationLearner(Learner):
         return dxo.to_shareable()
 
     # ------------------------------------------------------------------------------------------ DP-SGD ledger
-    def _privacy_budget_or_refuse(self, current_round: int) -> SiteBudget | None:
-        """The site's budget, after checking that the coming round fits in it (so a refused round wastes no work).
+    def _privacy_budget_or_refuse(self, current_round: int, total_rounds: Any, fl_ctx: FLContext) -> SiteBudget | None:
+        """The site's budget, after calibrating the noise (``target_epsilon``, first round only) and checking that
+        the coming round fits in the budget (so a refused round wastes no work).
 
         Raises:
-            RuntimeError: no budget while ``require_privacy_budget``.
+            RuntimeError: no budget while ``require_privacy_budget``, or a calibration without the number of rounds.
+            ValueError: ``target_epsilon`` cannot be reached.
             PrivacyBudgetExceeded: the planned round would exceed the budget (checked again when charging).
         """
         budget = find_site_budget(self._site_config_dir, self.site_name)
+        if budget is None and self.require_privacy_budget:
+            looked = where_looked(self._site_config_dir)
+            raise RuntimeError(f"DP-SGD needs a site privacy budget and none was found (looked in {looked})")
+        if self.dp_sgd.target_epsilon and self._calibration is None:
+            self._calibrate_noise(budget, current_round, total_rounds, fl_ctx)
         if budget is None:
-            if self.require_privacy_budget:
-                looked = where_looked(self._site_config_dir)
-                raise RuntimeError(f"DP-SGD needs a site privacy budget and none was found (looked in {looked})")
             return None
         planned = self.trainer.planned_privacy()
         ledger = PrivacyLedger(budget.ledger_file, accountant=budget.accountant)
@@ -210,6 +215,43 @@ class SegmentationLearner(Learner):
                 f"{budget.ledger_file}; budget file {budget.source}",
             )  # fmt: skip
         return budget
+
+    def _calibrate_noise(
+        self, budget: SiteBudget | None, current_round: int, total_rounds: Any, fl_ctx: FLContext
+    ) -> None:
+        """Pick this site's noise multiplier for ``target_epsilon`` over the rounds the job has left, once.
+
+        The rate and steps are this site's own (its patient count), the delta and accountant those the site ledger
+        uses (the budget's; without one, ``JOB_ONLY_DELTA`` and RDP, as ``_charge_round`` reports). The number of
+        rounds comes from the server's task header: a server that announced fewer rounds than it runs gets a site
+        that spends more than the target, which the site budget still bounds.
+        """
+        if isinstance(total_rounds, bool) or not isinstance(total_rounds, int) or total_rounds <= current_round:
+            raise RuntimeError(
+                f"dp_sgd.target_epsilon needs the job's number of rounds from the task header "
+                f"'{AppConstants.NUM_ROUNDS}' (got {total_rounds!r} at round {current_round + 1})"
+            )
+        delta, accountant = (budget.delta, budget.accountant) if budget is not None else (JOB_ONLY_DELTA, "rdp")
+        rounds = total_rounds - current_round
+        n_patients = self.trainer.num_train_cases
+        calibrated = self.dp_sgd.calibrated(n_patients, rounds, delta, accountant)
+        self.trainer.dp_sgd = calibrated
+        self._calibration = {
+            "target_epsilon": self.dp_sgd.target_epsilon,
+            "noise_multiplier": calibrated.noise_multiplier,
+            "rounds": rounds,
+            "steps": rounds * calibrated.steps_for(n_patients),
+            "sample_rate": calibrated.patients_per_step / n_patients,
+            "delta": delta,
+            "accountant": accountant,
+        }
+        self.log_info(
+            fl_ctx,
+            f"DP-SGD noise calibrated at {self.site_name}: noise_multiplier={calibrated.noise_multiplier:.4g} for "
+            f"target epsilon {self.dp_sgd.target_epsilon:g} over {rounds} round(s) ({self._calibration['steps']} "
+            f"steps at sample rate {self._calibration['sample_rate']:.4g}, {n_patients} patients), delta={delta:g}, "
+            f"{accountant} accountant",
+        )
 
     def _charge_round(
         self, budget: SiteBudget | None, mechanism: Mechanism, current_round: int, fl_ctx: FLContext
@@ -233,6 +275,7 @@ class SegmentationLearner(Learner):
                     "patients_per_step": self.dp_sgd.patients_per_step,
                     "patients": self.trainer.num_train_cases,
                     "learner": type(self).__name__,
+                    **({"target_epsilon": self._calibration["target_epsilon"]} if self._calibration else {}),
                 },
             )
             ledger = PrivacyLedger(budget.ledger_file, accountant=budget.accountant)

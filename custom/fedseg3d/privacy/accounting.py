@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +155,58 @@ def epsilon_for(history: Iterable[Iterable], delta: float, accountant: str = "rd
     if math.isnan(epsilon) or epsilon < 0:
         raise RuntimeError(f"Opacus {accountant} accountant returned epsilon={epsilon} for {engine.history}")
     return epsilon
+
+
+def noise_multiplier_for(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
+) -> float:
+    """The smallest noise multiplier (to Opacus's search tolerance) whose ``steps`` subsampled Gaussian steps at
+    ``sample_rate`` cost at most ``target_epsilon`` at ``delta``: Opacus's own calibration,
+    ``opacus.accountants.utils.get_noise_multiplier``, then checked with ``epsilon_for`` (the function every ledger
+    uses) so that a calibrated job never reports more than its target.
+
+    Args:
+        target_epsilon: the epsilon the whole run (all ``steps``) may spend; > 0.
+        delta: the target delta.
+        sample_rate: Poisson sampling rate per step, in (0, 1].
+        steps: number of steps the run will take; >= 1.
+        accountant: ``"rdp"`` or ``"prv"``.
+
+    Raises:
+        ValueError: a bad argument, or a target so small that no noise multiplier Opacus searches reaches it.
+        RuntimeError: the calibrated noise multiplier does not meet the target by the accountant (never expected).
+    """
+    if isinstance(target_epsilon, bool) or not isinstance(target_epsilon, numbers.Real):
+        raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
+    if not 0 < target_epsilon < math.inf:  # NaN fails this too
+        raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
+    delta = _check_delta(delta)
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    mechanism = validate_mechanism((1.0, sample_rate, steps))  # checks the rate and the step count
+    try:
+        with warnings.catch_warnings(), np.errstate(divide="ignore"):
+            warnings.simplefilter("ignore")  # RDP's "optimal order is the largest alpha" notes, as in epsilon_for
+            sigma = float(
+                get_noise_multiplier(
+                    target_epsilon=float(target_epsilon),
+                    target_delta=delta,
+                    sample_rate=mechanism.sample_rate,
+                    steps=mechanism.steps,
+                    accountant=accountant,
+                )
+            )
+    except ValueError as exc:  # Opacus: "The privacy budget is too low." past its largest sigma
+        raise ValueError(
+            f"no noise multiplier reaches target_epsilon={target_epsilon} at delta={delta} for {steps} steps at "
+            f"sample rate {mechanism.sample_rate:.4g} ({accountant}): {exc}"
+        ) from exc
+    achieved = epsilon_for([(sigma, mechanism.sample_rate, mechanism.steps)], delta, accountant)
+    if not achieved <= target_epsilon:
+        raise RuntimeError(
+            f"calibrated noise_multiplier={sigma} gives epsilon={achieved} > target {target_epsilon} ({accountant})"
+        )
+    return sigma
 
 
 @dataclass(frozen=True)

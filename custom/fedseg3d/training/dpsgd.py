@@ -46,7 +46,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 
 from fedseg3d.data.transforms import PreprocessConfig, train_augment_transform
-from fedseg3d.privacy.accounting import Mechanism, patient_dpsgd_mechanism
+from fedseg3d.privacy.accounting import Mechanism, noise_multiplier_for, patient_dpsgd_mechanism
 from fedseg3d.training.loops import TrainStats, make_loss
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,9 @@ class DPSGDConfig:
         secure_mode: draw noise and the Poisson sample from a cryptographically secure generator
             (``torchcsprng``, as ``opacus.PrivacyEngine(secure_mode=True)`` does) and use Opacus's hardened noise
             sampling. Refused when the job starts if ``torchcsprng`` is not installed.
+        target_epsilon: 0 (default) trains with ``noise_multiplier``. Above 0, the site picks its own noise
+            multiplier so that the whole job spends at most this epsilon on one patient (``calibrated``), and
+            ``noise_multiplier`` is not used; until then the configuration refuses to say what it releases.
     """
 
     noise_multiplier: float = 1.0
@@ -75,6 +78,7 @@ class DPSGDConfig:
     steps_per_round: int = 0
     passes_per_round: int = 1
     secure_mode: bool = False
+    target_epsilon: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("noise_multiplier", "max_grad_norm"):
@@ -85,6 +89,11 @@ class DPSGDConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"dp_sgd.{name} must be an integer >= {low}, got {value!r}")
+        value = self.target_epsilon
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+            raise ValueError(
+                f"dp_sgd.target_epsilon must be a finite number >= 0 (0: use noise_multiplier), got {value!r}"
+            )
         if not isinstance(self.secure_mode, bool):
             raise ValueError(f"dp_sgd.secure_mode must be true or false, got {self.secure_mode!r}")
         if self.secure_mode:
@@ -110,13 +119,49 @@ class DPSGDConfig:
 
         Raises:
             ValueError: ``patients_per_step`` exceeds the site's number of patients.
+            RuntimeError: ``target_epsilon`` is set and the noise multiplier has not been calibrated yet.
         """
+        if self.target_epsilon:
+            # Fail closed: the fixed noise_multiplier of a calibrating job is not what it should train with.
+            raise RuntimeError(
+                f"dp_sgd.target_epsilon is {self.target_epsilon}: calibrate the noise multiplier for this site "
+                f"(DPSGDConfig.calibrated) before training"
+            )
+        self._check_patients(n_patients)
+        return patient_dpsgd_mechanism(self.noise_multiplier, self.patients_per_step, n_patients, steps)
+
+    def _check_patients(self, n_patients: int) -> None:
         if self.patients_per_step > n_patients:
             raise ValueError(
                 f"dp_sgd.patients_per_step ({self.patients_per_step}) exceeds this site's {n_patients} training "
                 f"patient(s); lower it in the job"
             )
-        return patient_dpsgd_mechanism(self.noise_multiplier, self.patients_per_step, n_patients, steps)
+
+    def calibrated(self, n_patients: int, rounds: int, delta: float, accountant: str = "rdp") -> DPSGDConfig:
+        """This configuration with the noise multiplier that makes ``rounds`` rounds at a site of ``n_patients``
+        spend at most ``target_epsilon`` (one patient, at ``delta``), and ``target_epsilon`` cleared.
+
+        The noise multiplier comes from Opacus's calibration (``fedseg3d.privacy.accounting.noise_multiplier_for``)
+        for the rate ``patients_per_step / n_patients`` and ``rounds * steps_for(n_patients)`` steps: the
+        mechanism the site ledger will be charged with, so its epsilon after the last round is at most the target
+        (if the site had spent nothing before; the site budget still bounds the total).
+
+        Raises:
+            ValueError: ``target_epsilon`` is 0, ``rounds`` < 1, ``patients_per_step`` exceeds ``n_patients``, or no
+                noise multiplier reaches the target (each message names ``dp_sgd.target_epsilon``).
+        """
+        if not self.target_epsilon:
+            raise ValueError("dp_sgd.target_epsilon is 0: there is nothing to calibrate (noise_multiplier is used)")
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"dp_sgd.target_epsilon: calibration needs a number of rounds >= 1, got {rounds!r}")
+        self._check_patients(n_patients)
+        steps = rounds * self.steps_for(n_patients)
+        rate = self.patients_per_step / n_patients
+        try:
+            sigma = noise_multiplier_for(self.target_epsilon, delta, rate, steps, accountant)
+        except ValueError as err:
+            raise ValueError(f"dp_sgd.target_epsilon={self.target_epsilon} cannot be calibrated: {err}") from err
+        return dataclasses.replace(self, noise_multiplier=sigma, target_epsilon=0.0)
 
 
 class OnePatchPerPatient(Dataset):

@@ -5,10 +5,28 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 
 import pytest
 
-from benchmarks.privacy_tradeoff import FULL, QUICK, REPO, configurations, job_overrides, markdown, verdict
+from benchmarks.privacy_tradeoff import (
+    FULL,
+    QUICK,
+    REPO,
+    Budget,
+    configurations,
+    dp_sgd_parameters,
+    job_overrides,
+    main,
+    markdown,
+    merge_rows,
+    parse_row,
+    read_outcome,
+    verdict,
+)
+from fedseg3d.privacy.accounting import PATIENT
+from fedseg3d.privacy.ledger import PrivacyLedger, SpendEntry, load_site_privacy_budget
+from fedseg3d.privacy.site_budget import write_site_budget
 from fedseg3d.tools.build_jobs import build_jobs
 
 
@@ -23,6 +41,92 @@ def test_every_configuration_builds_with_its_knobs_applied(quick, tmp_path):
         assert server["num_rounds"] == budget.rounds and client["local_steps"] == budget.local_steps
         for name, value in config.overrides.items():
             assert client.get(name, server.get(name)) == value, (config.name, name)
+
+
+def test_committed_benchmark_builds_exactly_the_jobs_defaults_for_what_it_does_not_vary(tmp_path):
+    """The new budget fields default to the jobs' own values, so the committed rows are built as before."""
+    for config in configurations(quick=False):
+        overrides = job_overrides(config, FULL)
+        assert overrides["local_epochs"] == 1
+        if config.job == "unet3d_dpsgd":
+            assert overrides["patients_per_step"] == 2 and "target_epsilon" not in overrides
+        else:
+            assert "patients_per_step" not in overrides  # only the DP-SGD job has the knob (build_jobs would refuse)
+
+
+def test_scaled_rows_calibrate_dpsgd_and_share_the_data_budget(tmp_path):
+    budget = Budget(rounds=10, local_steps=0, cases_scale=8.0, fov_mm=64.0, local_epochs=2, patients_per_step=16)
+    lever = parse_row("dpsgd_eps8_lr:unet3d_dpsgd:target_epsilon=8,learning_rate=0.01,patients_per_step=32")
+    configs = configurations(quick=False, target_epsilons=[8.0, 4.0], extra=[lever])
+    names = [c.name for c in configs]
+    assert {"fedbn", "fedavg_instancenorm", "dpsgd_eps8", "dpsgd_eps4", "dpsgd_eps8_lr"} <= set(names)
+    assert not any(name.startswith("dpsgd_sigma") for name in names)
+    for config in configs:
+        (job_dir,) = build_jobs(
+            REPO / "jobs", tmp_path / config.name, [config.job], job_overrides(config, budget), 2, with_code=False
+        )
+        client = json.loads((job_dir / "app" / "config" / "config_fed_client.json").read_text())
+        assert (client["local_epochs"], client["local_steps"]) == (2, 0)
+        if config.job == "unet3d_dpsgd":
+            expected = {"dpsgd_eps8": (8.0, 16), "dpsgd_eps4": (4.0, 16), "dpsgd_eps8_lr": (8, 32)}[config.name]
+            assert (client["target_epsilon"], client["patients_per_step"]) == expected
+    assert lever.overrides == {"target_epsilon": 8, "learning_rate": 0.01, "patients_per_step": 32}
+
+
+@pytest.mark.parametrize("text", ["nojob", ":unet3d_fedbn", "x:no_such_job", "x:unet3d_fedbn:seed"])
+def test_bad_rows_are_refused(text):
+    with pytest.raises(ValueError, match="row|override"):
+        parse_row(text)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--rounds", "0"], "--rounds must be >= 1"),
+        (["--local-epochs", "0"], "--local-epochs must be >= 1"),
+        (["--patients-per-step", "0"], "--patients-per-step must be >= 1"),
+        (["--cases-scale", "0"], "--cases-scale must be > 0"),
+        (["--target-epsilons", "8,x"], "could not convert"),
+        (["--only", "dpsgd_sigma1.2", "--target-epsilons", "8"], "unknown configuration"),
+        (["--only", "fedbn", "--reread"], "--reread needs --merge"),
+    ],
+)
+def test_command_line_refuses_bad_values_before_running_anything(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([*argv, "--workspace", str(tmp_path)])
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "nothing generated or run"
+
+
+def test_dp_sgd_parameters_come_from_each_sites_ledger(tmp_path):
+    for site, sigma, patients in (("site-1", 1.1, 104), ("site-2", 1.3, 64)):
+        budget = load_site_privacy_budget(write_site_budget(tmp_path / site, 1e6, 1e-5))
+        for round_ in range(2):
+            entry = SpendEntry(
+                job_id="j", round=round_, unit=PATIENT, noise_multiplier=sigma, sample_rate=16 / patients, steps=7,
+                details={"patients": patients, "patients_per_step": 16, "max_grad_norm": 1.0, "target_epsilon": 8.0},
+            )  # fmt: skip
+            PrivacyLedger(budget.ledger_file).charge(entry, budget_epsilon=1e6, delta=1e-5)
+    params = dp_sgd_parameters(tmp_path)
+    assert params["site-1"]["noise_multipliers"] == [1.1] and params["site-2"]["patients"] == 64
+    assert (params["site-1"]["rounds"], params["site-1"]["steps"], params["site-1"]["target_epsilon"]) == (2, 14, 8.0)
+    assert dp_sgd_parameters(tmp_path / "nothing") == {}
+
+
+def test_merge_keeps_earlier_rows_this_run_did_not_redo_and_refuses_another_budget():
+    budget = Budget(rounds=10, local_steps=0, cases_scale=8.0, fov_mm=64.0)
+    cases = {"site-1": "104/32"}
+    earlier = {
+        "command": "first",
+        "budget": asdict(budget),
+        "cases": cases,
+        "rows": [row("fedbn", 0.8), row("dpsgd_eps8", 0.5, 8.0, PATIENT)],
+    }
+    merged = merge_rows(earlier, [row("dpsgd_eps8", 0.6, 8.0, PATIENT), row("lever", 0.7, 8.0, PATIENT)], budget, cases)
+    assert [(r["name"], r["mean_dice"]) for r in merged] == [("fedbn", 0.8), ("dpsgd_eps8", 0.6), ("lever", 0.7)]
+    assert merged[0]["command"] == "first"
+    with pytest.raises(ValueError, match="would not compare"):
+        merge_rows(earlier, [], Budget(rounds=5, local_steps=0, cases_scale=8.0, fov_mm=64.0), cases)
 
 
 def row(name: str, dice: float, epsilon: float | None = None, unit: str | None = None) -> dict:
@@ -54,6 +158,34 @@ def test_verdict_compares_patient_level_rows_with_fedbn_only():
     assert verdict(rows[1:]) == ["no non-private FedBN row: nothing to compare against"]
 
 
+def test_markdown_shows_sigma_per_site_per_round_dice_and_every_command():
+    dp = row("dpsgd_eps8", 0.6, 7.995, PATIENT) | {
+        "dp_sgd": {"site-1": {"noise_multipliers": [1.152]}, "site-2": {"noise_multipliers": [1.318]}},
+        "per_round_dice": {"0": 0.06, "1": 0.2, "2": 0.6},
+        "site_train_seconds_per_round": {"site-1": 7.2, "site-2": 4.5},
+        "class_dice": {"organ": 0.9, "lesion": 0.01},
+        "command": "second",
+    }
+    rows = [row("fedbn", 0.8) | {"per_round_dice": {"0": 0.1, "1": 0.5, "2": 0.8}, "command": "first"}, dp]
+    result = {
+        "title": "Scaled",
+        "command": "second",
+        "date": "today",
+        "total_seconds": 60.0,
+        "machine": {"cpu_cores": 2, "cpu": "x", "gpu": "none", "torch": "t", "python": "p"},
+        "budget": {"seed": 0, "cases_scale": 8.0, "fov_mm": 64.0, "rounds": 2, "local_steps": 0, "local_epochs": 1,
+                   "patients_per_step": 16},
+        "cases": {"site-1": "13/4", "site-2": "8/4"},
+        "rows": rows,
+        "verdict": verdict(rows),
+    }  # fmt: skip
+    text = markdown(result)
+    assert text.startswith("# Scaled") and "`first`" in text and "`second`" in text
+    assert "| 1.15 / 1.32 |" in text and "7.995" in text and "| 7.2 / 4.5 |" in text
+    assert "| dpsgd_eps8 | 0.060 | 0.200 | 0.600 |" in text and "| organ 0.900, lesion 0.010 |" in text
+    assert "16 expected patients per step" in text and "2 synthetic sites" in text
+
+
 def test_markdown_has_one_table_line_per_row():
     rows = [row("fedbn", 0.8), row("dpsgd", math.nan, 1.0, "patient")]
     result = {
@@ -62,10 +194,47 @@ def test_markdown_has_one_table_line_per_row():
         "total_seconds": 60.0,
         "machine": {"cpu_cores": 2, "cpu": "x", "gpu": "none", "torch": "t", "python": "p"},
         "budget": {"seed": 0, "cases_scale": 1.0, "fov_mm": 48.0, "rounds": 2, "local_steps": 2},
-        "cases": {},
+        "cases": {"site-1": "13/4", "site-2": "8/4"},
         "rows": rows,
         "verdict": verdict(rows),
     }
     text = markdown(result)
     assert sum(line.startswith("| fedbn |") or line.startswith("| dpsgd |") for line in text.splitlines()) == 2
     assert "`cmd`" in text and "2 CPU cores" in text
+
+
+def test_outcome_is_read_from_a_finished_runs_files(tmp_path):
+    """Final Dice per site and class, Dice before each round and epsilon, from the files a simulator run leaves."""
+    server = tmp_path / "sim" / "server" / "simulate_job"
+    (server / "cross_site_val").mkdir(parents=True)
+    (server / "fedseg3d").mkdir()
+    final = {
+        "site-1": {"val_mean_dice": 0.45, "val_dice_organ": 0.9, "val_dice_lesion": 0.0},
+        "site-2": {"val_mean_dice": 0.47, "val_dice_organ": 0.88, "val_dice_lesion": 0.06},
+    }
+    matrix = {
+        site: {"SRV_FL_global_model.pt": scores, "SRV_best_FL_global_model.pt": scores}
+        for site, scores in final.items()
+    }
+    (server / "cross_site_val" / "cross_val_results.json").write_text(json.dumps(matrix))
+    contributions = [
+        {"round": r, "site": site, "time": float(r), "return_code": "OK",
+         "initial_metrics": {"val_mean_dice": 0.1 * r + (0.02 if site == "site-2" else 0.0)},
+         "site_metrics": {"train_seconds": 7.0 if site == "site-1" else 4.0}}
+        for r in range(2) for site in ("site-1", "site-2")
+    ]  # fmt: skip
+    (server / "fedseg3d" / "contributions.jsonl").write_text("\n".join(json.dumps(c) for c in contributions))
+    records = [
+        {"round": 1, "site": s, "epsilon": e, "delta": 1e-5, "unit": PATIENT}
+        for s, e in (("site-1", 7.99), ("site-2", 8.0))
+    ]
+    (server / "fedseg3d" / "privacy.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+
+    outcome = read_outcome(parse_row("x:unet3d_dpsgd"), tmp_path)
+    assert outcome["mean_dice"] == pytest.approx(0.46)
+    assert outcome["class_dice"] == pytest.approx({"organ": 0.89, "lesion": 0.03})
+    assert list(outcome["class_dice"]) == ["organ", "lesion"], "in the job's class order"
+    assert outcome["per_round_dice"] == pytest.approx({0: 0.01, 1: 0.11, 2: 0.46})
+    assert (outcome["epsilon"], outcome["unit"]) == (8.0, PATIENT)
+    assert outcome["site_train_seconds_per_round"] == {"site-1": 7.0, "site-2": 4.0}
+    assert outcome["dp_sgd"] == {}, "no ledger kept in this fake run"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -24,13 +25,13 @@ DELTA = 1e-5
 PRESET = "unet3d_tiny_instancenorm"
 
 
-def make_learner(tiny_sites, tmp_path, require_privacy_budget=True) -> SegmentationLearner:
+def make_learner(tiny_sites, tmp_path, require_privacy_budget=True, **dp_sgd) -> SegmentationLearner:
     learner = SegmentationLearner(
         class_names={"0": "background", "1": "organ", "2": "lesion"},
         preprocessing={"roi_size": [16, 16, 16], "samples_per_volume": 1},
         training={"model_preset": PRESET, "keep_batchnorm_local": False, "amp": False},
         tb_writer_id="",
-        dp_sgd={"noise_multiplier": 1.0, "max_grad_norm": 1.0, "patients_per_step": 1, "steps_per_round": 2},
+        dp_sgd={"noise_multiplier": 1.0, "max_grad_norm": 1.0, "patients_per_step": 1, "steps_per_round": 2} | dp_sgd,
         require_privacy_budget=require_privacy_budget,
     )
     datalist = load_datalist(tiny_sites / "site-1" / "datalist.json", tiny_sites / "site-1", learner.class_names)
@@ -47,11 +48,12 @@ def make_learner(tiny_sites, tmp_path, require_privacy_budget=True) -> Segmentat
     return learner
 
 
-def train_task(round_: int):
+def train_task(round_: int, num_rounds: int | None = 3):
     weights = {k: v.numpy().copy() for k, v in build_model(PRESET).state_dict().items()}
     shareable = DXO(data_kind=DataKind.WEIGHTS, data=weights).to_shareable()
     shareable.set_header(AppConstants.CURRENT_ROUND, round_)
-    shareable.set_header(AppConstants.NUM_ROUNDS, 3)
+    if num_rounds is not None:
+        shareable.set_header(AppConstants.NUM_ROUNDS, num_rounds)
     return shareable
 
 
@@ -107,3 +109,42 @@ def test_learner_refuses_a_batch_norm_preset_for_dpsgd(tiny_sites, tmp_path):
     with pytest.raises(ValueError, match="cannot be trained with DP-SGD"):
         SiteTrainer("site-1", datalist, learner.class_names, learner.preprocessing, learner.training, tmp_path,
                     dp_sgd=learner.dp_sgd)  # fmt: skip
+
+
+def test_target_epsilon_calibrates_the_noise_once_and_the_job_ends_within_it(tiny_sites, tmp_path, monkeypatch):
+    target = 6.0
+    learner = make_learner(tiny_sites, tmp_path, target_epsilon=target, steps_per_round=1)
+    monkeypatch.setenv(PRIVACY_DIR_ENV, str(tmp_path / "privacy"))
+    write_site_budget(tmp_path / "privacy" / "site-1", epsilon_budget=100.0, delta=DELTA)
+    ledger_path = tmp_path / "privacy" / "site-1" / "privacy_ledger.json"
+
+    epsilons = []
+    for round_ in range(3):
+        reply = learner.train(train_task(round_, num_rounds=3), FLContext(), Signal())
+        assert reply.get_return_code() == ReturnCode.OK
+        epsilons.append(from_shareable(reply).get_meta_prop("dp_epsilon"))
+    entries = PrivacyLedger(ledger_path).entries()
+    sigmas = {entry.noise_multiplier for entry in entries}
+    assert len(sigmas) == 1 and sigmas != {1.0}, "one calibrated sigma for the whole job, not the job's default"
+    assert learner.trainer.dp_sgd.noise_multiplier == sigmas.pop()
+    assert epsilons[0] < epsilons[1] < epsilons[2] <= target
+    assert epsilons[2] > target - 0.05
+    assert {entry.details["target_epsilon"] for entry in entries} == {target}
+
+
+def test_target_epsilon_without_the_number_of_rounds_refuses_to_train(tiny_sites, tmp_path, monkeypatch, caplog):
+    learner = make_learner(tiny_sites, tmp_path, require_privacy_budget=False, target_epsilon=8.0)
+    with caplog.at_level(logging.ERROR):
+        reply = learner.train(train_task(0, num_rounds=None), FLContext(), Signal())
+    assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+    assert learner.trainer.rounds_done == 0
+    assert "dp_sgd.target_epsilon needs the job's number of rounds" in caplog.text
+
+    unreachable = make_learner(tiny_sites, tmp_path, require_privacy_budget=False, target_epsilon=1e-4)
+    unreachable.trainer.dp_sgd = unreachable.dp_sgd = dataclasses.replace(
+        unreachable.dp_sgd, patients_per_step=unreachable.trainer.num_train_cases
+    )  # rate 1: Opacus's search up to its largest sigma is quick without subsampling
+    with caplog.at_level(logging.ERROR):
+        reply = unreachable.train(train_task(0), FLContext(), Signal())
+    assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+    assert "dp_sgd.target_epsilon=0.0001 cannot be calibrated" in caplog.text

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
 from scipy.stats import norm
 
 from fedseg3d.privacy import accounting
@@ -16,6 +17,7 @@ from fedseg3d.privacy.accounting import (
     compress_history,
     cost_of,
     epsilon_for,
+    noise_multiplier_for,
     patient_dpsgd_mechanism,
     rounds_affordable,
     site_update_mechanism,
@@ -119,6 +121,43 @@ def test_rounds_affordable_is_the_last_round_that_fits(sigma):
     )
     past = [site_update_mechanism(sigma, n)]
     assert rounds_affordable(sigma, 8.0, DELTA, history=past) == 0
+
+
+@pytest.mark.parametrize(
+    ("accountant", "target", "rate", "steps"),
+    [("rdp", 8.0, 16 / 104, 70), ("rdp", 4.0, 0.25, 40), ("rdp", 1.0, 0.01, 1000), ("prv", 8.0, 1.0, 5)],
+)
+def test_calibrated_noise_is_opacus_own_and_meets_the_target_by_the_accountant(accountant, target, rate, steps):
+    sigma = noise_multiplier_for(target, DELTA, rate, steps, accountant)
+    assert sigma == get_noise_multiplier(
+        target_epsilon=target, target_delta=DELTA, sample_rate=rate, steps=steps, accountant=accountant
+    )
+    achieved = epsilon_for([(sigma, rate, steps)], DELTA, accountant)
+    assert achieved <= target
+    assert achieved > target - 0.05, "Opacus's search stops within its tolerance: not needlessly noisy"
+    # Less noise would overspend: the calibration is the smallest sigma (to the search's precision).
+    assert epsilon_for([(sigma * 0.97, rate, steps)], DELTA, accountant) > target
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"target_epsilon": 0.0}, "target_epsilon"),
+        ({"target_epsilon": -1.0}, "target_epsilon"),
+        ({"target_epsilon": math.nan}, "target_epsilon"),
+        ({"target_epsilon": math.inf}, "target_epsilon"),
+        ({"target_epsilon": True}, "target_epsilon"),
+        ({"delta": 0.0}, "delta"),
+        ({"sample_rate": 1.5}, "sample_rate"),
+        ({"steps": 0}, "steps"),
+        ({"accountant": "gdp"}, "accountant"),
+        ({"target_epsilon": 1e-9, "sample_rate": 1.0}, "no noise multiplier reaches target_epsilon"),
+    ],
+)
+def test_calibration_refuses_bad_arguments_naming_them(kwargs, match):
+    arguments = {"target_epsilon": 8.0, "delta": DELTA, "sample_rate": 0.1, "steps": 100, "accountant": "rdp"}
+    with pytest.raises(ValueError, match=match):
+        noise_multiplier_for(**(arguments | kwargs))
 
 
 def test_privacy_package_does_not_import_nvflare():

@@ -84,6 +84,46 @@ def test_steps_per_round_follow_the_passes_unless_set_exactly():
         DPSGDConfig(passes_per_round=0)
 
 
+@pytest.mark.parametrize(("n_patients", "rounds", "target"), [(104, 10, 8.0), (64, 10, 4.0), (5, 3, 8.0)])
+def test_calibrated_noise_keeps_the_whole_job_within_the_target_epsilon(n_patients, rounds, target):
+    config = DPSGDConfig(patients_per_step=4 if n_patients > 5 else 2, passes_per_round=2, target_epsilon=target)
+    calibrated = config.calibrated(n_patients, rounds, delta=1e-5)
+    assert calibrated.target_epsilon == 0 and calibrated.noise_multiplier != config.noise_multiplier
+    assert (calibrated.patients_per_step, calibrated.passes_per_round) == (config.patients_per_step, 2)
+    # What the site ledger is charged with, round after round, adds up to at most the target.
+    one_round = calibrated.mechanism(n_patients, calibrated.steps_for(n_patients))
+    assert one_round.sample_rate == config.patients_per_step / n_patients
+    assert target - 0.05 < epsilon_for([one_round] * rounds, 1e-5) <= target
+    assert epsilon_for([one_round] * (rounds + 1), 1e-5) > target, "calibrated for exactly the job's rounds"
+
+
+def test_more_patients_per_site_need_less_noise_for_the_same_epsilon():
+    config = DPSGDConfig(patients_per_step=16, target_epsilon=8.0)
+    small, large = (config.calibrated(n, 10, 1e-5).noise_multiplier for n in (32, 320))
+    assert large < small
+
+
+def test_target_epsilon_is_validated_and_an_uncalibrated_config_refuses_to_train():
+    for bad in (-1.0, math.nan, math.inf, True, "8"):
+        with pytest.raises(ValueError, match="dp_sgd.target_epsilon must be a finite number >= 0"):
+            DPSGDConfig(target_epsilon=bad)
+    config = DPSGDConfig(patients_per_step=2, target_epsilon=8.0)
+    with pytest.raises(RuntimeError, match="dp_sgd.target_epsilon is 8.0: calibrate"):
+        config.mechanism(n_patients=10, steps=1)
+    with pytest.raises(RuntimeError, match="calibrate"):
+        make_patient_loader(patients(4), PREPROCESSING, config, seed=0)
+    with pytest.raises(ValueError, match="dp_sgd.target_epsilon=0.001 cannot be calibrated"):
+        # (rate 1: Opacus's search up to its largest sigma is quick without subsampling)
+        DPSGDConfig(patients_per_step=4, target_epsilon=1e-3).calibrated(4, rounds=100, delta=1e-5)
+    with pytest.raises(ValueError, match="dp_sgd.target_epsilon is 0"):
+        DPSGDConfig().calibrated(10, rounds=1, delta=1e-5)
+    with pytest.raises(ValueError, match="number of rounds"):
+        config.calibrated(10, rounds=0, delta=1e-5)
+    with pytest.raises(ValueError, match="patients_per_step"):
+        config.calibrated(1, rounds=1, delta=1e-5)
+    assert DPSGDConfig.from_dict({"target_epsilon": 8}).target_epsilon == 8
+
+
 def test_batch_norm_preset_is_refused_and_instance_norm_accepted():
     with pytest.raises(ValueError, match="unet3d_tiny.*cannot be trained with DP-SGD.*instancenorm"):
         check_model_supports_dpsgd(build_model("unet3d_tiny"), "unet3d_tiny")
