@@ -41,3 +41,13 @@ def test_every_variant_builds_with_its_seed(name, tmp_path):
     job_dir = build_variant(name, tmp_path, rounds=2, local_steps=3, repeat=2)
     client = (job_dir / "app" / "config" / "config_fed_client.json").read_text()
     assert '"seed": 2' in client and '"local_steps": 3' in client
+
+
+def test_the_recorded_command_leaves_the_note_out():
+    from benchmarks.compression import _without_note
+
+    assert _without_note(["--repeats", "2", "--note", "long text", "--resume", "--note=x"]) == [
+        "--repeats",
+        "2",
+        "--resume",
+    ]
