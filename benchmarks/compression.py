@@ -52,6 +52,8 @@ QUANT_JOB = "unet3d_fedbn_int8"
 VARIANTS = {
     "fp32": ("unet3d_fedbn", {}),
     "nvflare_fp16": ("unet3d_fedbn", {}),
+    # FLARE's default polling (the jobs ask every 0.25 s): a control for the float32 runs' spread.
+    "fp32_slowpoll": ("unet3d_fedbn", {"task_request_interval": 2.0, "task_check_period": 0.5}),
     # fp16 has no blocks: the filters refuse a block size rather than ignore it, hence the nulls.
     "fp16": (
         QUANT_JOB,
