@@ -29,20 +29,22 @@ def _run(checkpoint: Path, tiny_sites: Path, tmp_path: Path) -> tuple[int, Path]
 def test_a_fitting_checkpoint_is_where_the_job_starts(tiny_sites, tmp_path):
     torch.manual_seed(11)
     start = PresetUNet("unet3d_tiny", 3).state_dict()
+    bn = "model.0.conv.unit0.adn.N.running_mean"
+    start[bn].fill_(0.5)  # not a fresh network's value: only the checkpoint can have put it there
     path = save_checkpoint(start, tmp_path / "start.pt")
     code, workspace = _run(path, tiny_sites, tmp_path)
     assert code == 0
     server = workspace / "server" / "simulate_job"
-    log = (server / "log.txt").read_text()
+    log = (workspace / "server" / "log.txt").read_text()
     assert f"checkpoint {path} fits preset 'unet3d_tiny'" in log
     final = torch.load(server / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
-    bn = "model.0.conv.unit0.adn.N.running_mean"  # FedBN: never sent, so the server keeps the checkpoint's
+    # FedBN: batch norm is never sent, so the server's copy is still the checkpoint's
     assert np.array_equal(np.asarray(final[bn]), start[bn].numpy())
 
 
 def test_a_checkpoint_of_another_preset_stops_the_job_naming_the_file(tiny_sites, tmp_path):
     path = save_checkpoint(PresetUNet("unet3d_tiny_instancenorm", 3).state_dict(), tmp_path / "other.pt")
     code, workspace = _run(path, tiny_sites, tmp_path)
-    log = (workspace / "server" / "simulate_job" / "log.txt").read_text()
+    log = (workspace / "server" / "log.txt").read_text()
     assert f"initial checkpoint {path} does not fit the job's network (preset 'unet3d_tiny')" in log
     assert not (workspace / "server" / "simulate_job" / "app_server" / "FL_global_model.pt").is_file()

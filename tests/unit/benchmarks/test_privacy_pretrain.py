@@ -115,3 +115,19 @@ def test_merge_refuses_rows_made_with_other_public_pretraining():
     assert len(merge_rows(earlier, [], budget, {}, asdict(SETTINGS))) == 1
     with pytest.raises(ValueError, match="public pretraining"):
         merge_rows(earlier, [], budget, {}, None)
+
+
+def test_verdict_also_measures_against_the_best_non_private_row_when_fedbn_is_not_it():
+    rows = [
+        _row("public_only_unet3d_tiny", 0.9, job="-"),  # not trained on the private data: never the reference
+        _row("fedbn", 0.55),
+        _row("fedbn_scratch", 0.70),
+        _row("dpsgd_eps8", 0.62, epsilon=8.0, unit="patient"),
+    ]
+    lines = verdict(rows)
+    assert lines[0].endswith("meets the goal")
+    assert (
+        lines[1]
+        == "dpsgd_eps8: Dice -0.0800 vs the best non-private row (fedbn_scratch, 0.7000): outside the goal's 0.02 of it"
+    )
+    assert len(verdict(rows[1:2] + rows[3:])) == 1, "FedBN is the best non-private row: one line"
