@@ -189,11 +189,16 @@ def public_only_row(preset: str, info: dict[str, Any], sites_root: Path, sites: 
     }
 
 
-def describe(settings: PublicSettings, checkpoints: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """What the report says about the public data and the checkpoints (paths relative to the repository)."""
+def describe(
+    settings: PublicSettings, checkpoints: dict[str, dict[str, Any]], earlier: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What the report says about the public data and the checkpoints (paths relative to the repository); with
+    ``--merge``, the earlier report's checkpoints that this run did not use are kept (its rows started from them)."""
+    kept = dict((earlier or {}).get("checkpoints", {}))
     return {
         "settings": asdict(settings),
-        "checkpoints": {
+        "checkpoints": kept
+        | {
             preset: {
                 "checkpoint": _relative(info["checkpoint"]),
                 "command": info["command"],

@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine_info(),
         "budget": asdict(budget),
         "cases": cases,
-        **({"pretraining": describe(public, checkpoints)} if public else {}),
+        **({"pretraining": describe(public, checkpoints, (earlier or {}).get("pretraining"))} if public else {}),
         "rows": rows,
         "verdict": verdict(rows),
         "total_seconds": round(time.perf_counter() - started, 1),

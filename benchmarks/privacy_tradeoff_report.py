@@ -80,7 +80,8 @@ def _pretraining_lines(pretraining: dict[str, Any], private_seed: int) -> list[s
     )
     lines = [
         f"Public pretraining: every row that trains starts from the public checkpoint of its network "
-        f"(`initial_checkpoint`). Public data: {p['sites']} synthetic scanner(s) generated with seed {p['seed']} "
+        f"(`initial_checkpoint`) unless its knobs name another (empty: a fresh network). Public data: {p['sites']} "
+        f"synthetic scanner(s) generated with seed {p['seed']} "
         f"(the private sites use {private_seed}: other patients, other intensity scale, offset, contrast, noise "
         f"and bias field; {polarity}; `cases_scale` {p['cases_scale']}), {p['epochs']} epochs with the "
         "`unet3d_fedbn` job's "

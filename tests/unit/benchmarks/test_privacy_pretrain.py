@@ -131,3 +131,12 @@ def test_verdict_also_measures_against_the_best_non_private_row_when_fedbn_is_no
         == "dpsgd_eps8: Dice -0.0800 vs the best non-private row (fedbn_scratch, 0.7000): outside the goal's 0.02 of it"
     )
     assert len(verdict(rows[1:2] + rows[3:])) == 1, "FedBN is the best non-private row: one line"
+
+
+def test_a_merged_report_keeps_the_checkpoints_of_rows_it_did_not_redo(tmp_path: Path):
+    from benchmarks.privacy_pretrain import describe
+
+    earlier = {"checkpoints": {"unet3d_tiny_instancenorm": {"command": "old"}, "unet3d_tiny": {"command": "old"}}}
+    info = {"checkpoint": tmp_path / "unet3d_tiny.pt", "command": "new", "provenance": {"train_cases": 80}}
+    described = describe(SETTINGS, {"unet3d_tiny": info}, earlier)["checkpoints"]
+    assert described["unet3d_tiny_instancenorm"] == {"command": "old"} and described["unet3d_tiny"]["command"] == "new"
