@@ -7,13 +7,12 @@ Local-only does them at each site alone, pooled does them over all sites' data a
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from fedseg3d.data.transforms import PreprocessConfig
+from fedseg3d.tools.job_config import learner_args
 from fedseg3d.training.site_trainer import TrainingConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,32 +91,13 @@ def make_config(mode: str, **overrides: Any) -> BenchConfig:
     return replace(MODES[mode], **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _substitute(value: Any, variables: dict[str, Any]) -> Any:
-    """FLARE's ``{var}`` substitution for a learner argument (whole-string references only, as the jobs use)."""
-    if isinstance(value, dict):
-        return {k: _substitute(v, variables) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_substitute(v, variables) for v in value]
-    if isinstance(value, str) and (m := re.fullmatch(r"\{(\w+)\}", value)):
-        if m.group(1) not in variables:
-            raise ValueError(f"job config references undefined variable {{{m.group(1)}}}")
-        return variables[m.group(1)]
-    return value
-
-
 def job_learner_args(job: str = REFERENCE_JOB) -> dict[str, Any]:
     """The learner's ``class_names``, ``preprocessing`` and ``training`` blocks of a committed job, variables resolved.
 
     Raises:
         ValueError: the job has no ``SegmentationLearner`` component.
     """
-    path = JOBS_DIR / job / "app" / "config" / "config_fed_client.json"
-    config = json.loads(path.read_text())
-    variables = {k: v for k, v in config.items() if not isinstance(v, list | dict)}
-    for component in config.get("components", []):
-        if component.get("path", "").endswith("SegmentationLearner"):
-            return _substitute(component["args"], variables)
-    raise ValueError(f"{path}: no SegmentationLearner component")
+    return learner_args(JOBS_DIR / job)
 
 
 def centralised_settings(cfg: BenchConfig) -> tuple[dict[int, str], PreprocessConfig, TrainingConfig]:

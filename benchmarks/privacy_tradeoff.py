@@ -25,11 +25,18 @@ multiplier to that epsilon for the whole job (the job's ``target_epsilon`` knob:
 any knobs (a lever, or a repeat with another seed), ``--report-name`` writes another report, and ``--merge`` keeps
 the rows of an earlier run of that report that this run does not redo (each row keeps its own command).
 
+Public pretraining (``--pretrain``, ``benchmarks/privacy_pretrain.py``): every row starts from a checkpoint of its
+network pretrained on public synthetic data disjoint from the private sites (``--public-sites``,
+``--public-cases-scale``, ``--pretrain-epochs``), and ``public_only_<preset>`` rows score each checkpoint alone. A
+row can also name its own ``initial_checkpoint`` knob.
+
 Usage:
     python benchmarks/privacy_tradeoff.py [--quick] [--workspace workspace/bench-privacy] [--out-dir docs]
     python benchmarks/privacy_tradeoff.py --cases-scale 8 --rounds 10 --local-epochs 1 --patients-per-step 16 \
         --target-epsilons 8,4 --only fedbn,fedavg_instancenorm,dpsgd_eps8,dpsgd_eps4 \
         --report-name privacy_benchmark_scaled
+    python benchmarks/privacy_tradeoff.py --cases-scale 8 ... --pretrain --pretrain-epochs 15 \
+        --report-name privacy_benchmark_pretrained --workspace workspace/bench-privacy-pretrained
 """
 
 from __future__ import annotations
@@ -53,6 +60,17 @@ sys.path[:0] = [str(REPO / "custom"), str(REPO)]  # run from a checkout without 
 
 from benchmarks.federated import job_variables, parse_run, seed_initial_model  # noqa: E402
 from benchmarks.machine import machine_info  # noqa: E402
+from benchmarks.privacy_pretrain import (  # noqa: E402
+    CHECKPOINT_KNOB,
+    PUBLIC_SEED_OFFSET,
+    PublicSettings,
+    build_checkpoints,
+    describe,
+    display_overrides,
+    job_preset,
+    public_only_row,
+    with_checkpoints,
+)
 from benchmarks.privacy_tradeoff_report import markdown, sigma_cell, verdict  # noqa: E402
 from fedseg3d.data.site_config import SITES_ROOT_ENV  # noqa: E402
 from fedseg3d.data.synthetic import generate_sites  # noqa: E402
@@ -314,20 +332,56 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
     return replace(base, **changes)
 
 
-def merge_rows(earlier: dict[str, Any], rows: list[dict[str, Any]], budget: Budget, cases: dict) -> list[dict]:
+def merge_rows(
+    earlier: dict[str, Any],
+    rows: list[dict[str, Any]],
+    budget: Budget,
+    cases: dict,
+    public_settings: dict[str, Any] | None = None,
+) -> list[dict]:
     """Rows of an earlier report that this run did not redo, in their order, then this run's new rows.
 
     Raises:
-        ValueError: the earlier report had another budget or other sites (its rows would not compare).
+        ValueError: the earlier report had another budget, other sites or other public pretraining (its rows would
+            not compare).
     """
     if earlier.get("budget") != asdict(budget) or earlier.get("cases") != cases:
         raise ValueError(
             f"--merge: the earlier report's budget {earlier.get('budget')} / cases {earlier.get('cases')} differ "
             f"from this run's {asdict(budget)} / {cases}; its rows would not compare"
         )
+    earlier_public = (earlier.get("pretraining") or {}).get("settings")
+    if earlier_public != public_settings:
+        raise ValueError(
+            f"--merge: the earlier report's public pretraining {earlier_public} differs from this run's "
+            f"{public_settings}; its rows would not compare"
+        )
     new = {r["name"]: r for r in rows}
     merged = [new.pop(r["name"], {"command": earlier["command"], **r}) for r in earlier["rows"]]
     return merged + list(new.values())
+
+
+def public_settings_from_args(args: argparse.Namespace, budget: Budget) -> PublicSettings:
+    """The public data and pretraining of ``--pretrain``: its own seed, the private sites' volume size.
+
+    Raises:
+        ValueError: a value out of range, naming the option.
+    """
+    if args.pretrain_epochs < 1:
+        raise ValueError(f"--pretrain-epochs must be >= 1, got {args.pretrain_epochs}")
+    if args.public_sites < 1:
+        raise ValueError(f"--public-sites must be >= 1, got {args.public_sites}")
+    scale = budget.cases_scale if args.public_cases_scale is None else args.public_cases_scale
+    if not scale > 0:
+        raise ValueError(f"--public-cases-scale must be > 0, got {scale}")
+    return PublicSettings(
+        sites=args.public_sites,
+        seed=budget.seed + PUBLIC_SEED_OFFSET,
+        cases_scale=scale,
+        fov_mm=budget.fov_mm,
+        epochs=args.pretrain_epochs,
+        train_seed=budget.seed,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -361,11 +415,20 @@ def main(argv: list[str] | None = None) -> None:
         help="with --merge: re-read the selected rows' finished runs kept under the workspace with this code "
         "(no simulator run; their command, attack AUC and timings stay those of the run)",
     )
+    parser.add_argument(
+        "--pretrain", action="store_true", help="rows start from a checkpoint pretrained on public data (see above)"
+    )
+    parser.add_argument("--pretrain-epochs", type=int, default=15, help="pretraining passes over the public data")
+    parser.add_argument("--public-sites", type=int, default=1, help="public scanners pooled (1: bright lesions only)")
+    parser.add_argument(
+        "--public-cases-scale", type=float, default=None, help="size of each public scanner (default: --cases-scale)"
+    )
     args = parser.parse_args(argv)
     try:
         budget = budget_from_args(args)
         targets = [float(e) for e in args.target_epsilons.split(",")] if args.target_epsilons else None
         extra = [parse_row(text) for text in args.row]
+        public = public_settings_from_args(args, budget) if args.pretrain else None
     except ValueError as err:
         parser.error(str(err))
     out_dir = args.out_dir or (args.workspace if args.quick else REPO / "docs")
@@ -395,7 +458,18 @@ def main(argv: list[str] | None = None) -> None:
         cases[site] = f"{len(datalist['training'])}/{len(datalist['validation'])}"
     print(f"sites (training/validation cases): {cases}; budget {asdict(budget)}", flush=True)
     command = shlex.join(["python", "benchmarks/privacy_tradeoff.py", *argv])
-    rows = []
+    rows, checkpoints = [], {}
+    if public is not None:
+        presets = sorted({job_preset(c.job, c.overrides) for c in configs if CHECKPOINT_KNOB not in c.overrides})
+        print(
+            f"[{time.perf_counter() - started:6.0f} s] public checkpoints for {presets}: {asdict(public)}", flush=True
+        )
+        checkpoints = build_checkpoints(public, presets, args.workspace, budget.seed)
+        configs = with_checkpoints(configs, checkpoints)
+        for preset, info in [] if args.reread else checkpoints.items():
+            row = public_only_row(preset, info, sites_root, SITES, command)
+            print(f"    {row['name']}: Dice {row['mean_dice']:.4f} {row['class_dice']}", flush=True)
+            rows.append(row)
     for config in configs:
         print(f"[{time.perf_counter() - started:6.0f} s] {config.name}: {config.job} {config.overrides}", flush=True)
         if args.reread:
@@ -403,6 +477,7 @@ def main(argv: list[str] | None = None) -> None:
             row = {**earlier_rows[config.name], **outcome, "reread_by": command}
         else:
             row = {"command": command, **run_config(config, budget, sites_root, args.workspace, args.timeout)}
+        row["overrides"] = display_overrides(row["overrides"])
         eps = "-" if row["epsilon"] is None else f"{row['epsilon']:.3g} ({row['unit']})"
         print(
             f"    Dice {row['mean_dice']:.4f}  epsilon {eps}  sigma {sigma_cell(row)}  attack AUC "
@@ -412,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         rows.append(row)
     if earlier is not None:
-        rows = merge_rows(earlier, rows, budget, cases)
+        rows = merge_rows(earlier, rows, budget, cases, asdict(public) if public else None)
     result = {
         "title": args.title,
         "command": command,
@@ -420,6 +495,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine_info(),
         "budget": asdict(budget),
         "cases": cases,
+        **({"pretraining": describe(public, checkpoints, (earlier or {}).get("pretraining"))} if public else {}),
         "rows": rows,
         "verdict": verdict(rows),
         "total_seconds": round(time.perf_counter() - started, 1),

@@ -141,6 +141,7 @@ class SiteTrainer:
         self.val_cases: PreparedCases = prepare_cases(datalist.validation, preparer, skip_bad_cases, "validation")
         self.best_local_dice = -math.inf
         self.rounds_done = 0
+        self.local_state_adopted = not self.split.local
         logger.info(
             "%s: %s (%d parameters) on %s, %d training / %d validation cases (%d skipped), %d shared and %d local keys",
             site_name,
@@ -161,9 +162,36 @@ class SiteTrainer:
     def evaluate_weights(self, weights: dict[str, np.ndarray], should_stop=lambda: False) -> EvalResult:
         """Dice of a received model on this site's validation cases, with this site's local state (FedBN: its own
         batch norm). The site's training model is left untouched."""
+        self._adopt_first_local_state(weights)
         candidate = copy.deepcopy(self.model)
         load_shared_state(candidate, self.split, weights)
         return self._evaluate(candidate, should_stop)
+
+    def _adopt_first_local_state(self, weights: dict[str, np.ndarray]) -> None:
+        """Start the site's local state (FedBN's batch norm) from the first server model that carries it, once.
+
+        The server's model holds the batch-norm state of the network the job started from. From a fresh network that
+        is the same as the site's own initialisation (weight 1, bias 0, mean 0, variance 1), so this changes nothing;
+        from a pretrained checkpoint it keeps the batch norm the pretrained convolutions were trained with instead of
+        resetting it. Afterwards the local state is the site's own and the server's copy is ignored, as FedBN wants.
+        Nothing here is ever sent: local state still never leaves the site.
+        """
+        if self.local_state_adopted:
+            return
+        state = self.model.state_dict()
+        found = [key for key in self.split.local if key in weights]
+        if not found:
+            return  # e.g. another site's model in cross-site evaluation: it carries no local state
+        for key in found:
+            if tuple(np.shape(weights[key])) != tuple(state[key].shape):
+                raise ValueError(
+                    f"global model key '{key}' has shape {np.shape(weights[key])}, expected {tuple(state[key].shape)}"
+                )
+        with torch.no_grad():
+            for key in found:
+                state[key].copy_(torch.as_tensor(np.asarray(weights[key])).to(dtype=state[key].dtype))
+        self.local_state_adopted = True
+        logger.info("%s: local state (%d keys) starts from the server's initial model", self.site_name, len(found))
 
     def train_round(
         self, global_weights: dict[str, np.ndarray], current_round: int, should_stop=lambda: False, progress=None
@@ -173,6 +201,7 @@ class SiteTrainer:
         Raises:
             FloatingPointError: training diverged or the update is not finite; nothing must be sent then.
         """
+        self._adopt_first_local_state(global_weights)
         ignored = load_shared_state(self.model, self.split, global_weights)
         if ignored:
             logger.debug("%s: kept %d local key(s) instead of the global values", self.site_name, len(ignored))
