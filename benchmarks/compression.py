@@ -42,6 +42,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "custom"), str(REPO)]
 
+from benchmarks.config import is_quantised_job  # noqa: E402
+from benchmarks.federated import read_jsonl  # noqa: E402
 from benchmarks.machine import describe, machine_info  # noqa: E402
 from fedseg3d.data.synthetic import generate_sites  # noqa: E402
 from fedseg3d.tools.build_jobs import build_jobs  # noqa: E402
@@ -104,7 +106,7 @@ def _use_nvflare_quantizer(app_config: Path) -> None:
 def build_variant(name: str, out: Path, rounds: int, local_steps: int, repeat: int) -> Path:
     """The variant's job with the benchmark's budget; ``repeat`` seeds the sites' training and the rounding."""
     job, overrides = VARIANTS[name]
-    seeds = {"seed": repeat} if job == "unet3d_fedbn" else {"seed": repeat, "quant_seed": repeat}
+    seeds = {"seed": repeat, "quant_seed": repeat} if is_quantised_job(job) else {"seed": repeat}
     overrides = {
         **overrides,
         **seeds,
@@ -118,15 +120,11 @@ def build_variant(name: str, out: Path, rounds: int, local_steps: int, repeat: i
     return job_dir
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
 def summarise(workspace: Path) -> dict:
     """Per round: mean bytes per site and direction (train task), mean Dice of the incoming global model."""
     run = workspace / "server" / "simulate_job"
-    sizes = [e for e in _jsonl(run / "fedseg3d" / "message_sizes.jsonl") if e["task"] == "train"]
-    contributions = _jsonl(run / "fedseg3d" / "contributions.jsonl")
+    sizes = [e for e in read_jsonl(run / "fedseg3d" / "message_sizes.jsonl") if e["task"] == "train"]
+    contributions = read_jsonl(run / "fedseg3d" / "contributions.jsonl")
     rounds = sorted({e["round"] for e in sizes if isinstance(e["round"], int)})
     per_round = []
     for r in rounds:
@@ -328,8 +326,9 @@ def main(argv: list[str] | None = None) -> None:
         code = run_simulation(job_dir, workspace, data, SITES, timeout=args.timeout)
         if code != 0:
             raise SystemExit(f"{run}: simulator exited with {code}; logs under {workspace}")
-        timing.write_text(json.dumps({"seconds": time.time() - t0}) + "\n")
-        results[run] = {**summarise(workspace), "seconds": time.time() - t0}
+        seconds = time.time() - t0
+        timing.write_text(json.dumps({"seconds": seconds}) + "\n")
+        results[run] = {**summarise(workspace), "seconds": seconds}
         r = results[run]
         print(
             f"{run}: {r['seconds']:.0f} s, up {r['up_bytes_total']:,} B, down {r['down_bytes_total']:,} B, "

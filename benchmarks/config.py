@@ -7,12 +7,13 @@ Local-only does them at each site alone, pooled does them over all sites' data a
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from fedseg3d.data.transforms import PreprocessConfig
-from fedseg3d.tools.job_config import learner_args
+from fedseg3d.tools.job_config import CLIENT_CONFIG, learner_args
 from fedseg3d.training.site_trainer import TrainingConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -20,18 +21,23 @@ JOBS_DIR = REPO / "jobs"
 REFERENCE_JOB = "unet3d_fedbn"
 # method -> job folder; local-only and pooled are trained directly with the package's training code.
 FEDERATED_JOBS = {"fedavg": "unet3d_fedavg", "fedprox": "unet3d_fedprox", "fedbn": "unet3d_fedbn"}
-DP_JOB_MARKERS = ("_dp", "dpsgd")
-QUANTISED_JOB_MARKERS = ("_int8", "_int4", "_topk", "_fp16")
+
+
+def _site_knobs(job: str) -> set[str]:
+    """The top-level variables of a job's client config (its knobs; see docs/job_knobs.md)."""
+    config = json.loads((JOBS_DIR / job / CLIENT_CONFIG).read_text())
+    return {k for k, v in config.items() if not isinstance(v, list | dict)}
 
 
 def is_dp_job(job: str) -> bool:
-    """A job whose sites release differentially private updates (its results carry epsilon per site)."""
-    return any(marker in job for marker in DP_JOB_MARKERS)
+    """A job whose sites release differentially private updates (its results carry epsilon per site): one with a
+    ``noise_multiplier`` knob, read from its config rather than guessed from its name."""
+    return "noise_multiplier" in _site_knobs(job)
 
 
 def is_quantised_job(job: str) -> bool:
-    """A job that compresses its messages (its byte figures differ from float32)."""
-    return any(marker in job for marker in QUANTISED_JOB_MARKERS)
+    """A job that compresses its messages (its byte figures differ from float32): one with an ``uplink_scheme``."""
+    return "uplink_scheme" in _site_knobs(job)
 
 
 @dataclass(frozen=True)

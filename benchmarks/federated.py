@@ -162,7 +162,8 @@ def run_simulated(cfg: BenchConfig, job: str, sites_root: Path, work_dir: Path, 
     return result
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file (none when it does not exist yet)."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
@@ -184,7 +185,7 @@ def parse_run(job: str, server_run: Path, site_runs: dict[str, Path]) -> Federat
             for owner, metrics in scores.items()
             if owner != "SRV_best_FL_global_model.pt"
         }
-    contributions = _read_jsonl(contributions_path)
+    contributions = read_jsonl(contributions_path)
     last_round = -1
     for entry in contributions:
         if entry.get("return_code") != "OK":
@@ -213,10 +214,10 @@ def _bytes_per_round(server_run: Path, site_runs: dict[str, Path], rounds: list[
     for run in site_runs.values():
         # A site's result carries no round header, so the recorder logs round None there: the k-th train result a
         # site sends is round k (the probe sits on the train task only).
-        for index, entry in enumerate(_read_jsonl(run / "fedseg3d" / BYTES_FILES["site_to_server"])):
+        for index, entry in enumerate(read_jsonl(run / "fedseg3d" / BYTES_FILES["site_to_server"])):
             up.append(dict(entry, round=entry["round"] if isinstance(entry.get("round"), int) else index))
     records = {
-        "server_to_site": _read_jsonl(server_run / "fedseg3d" / BYTES_FILES["server_to_site"]),
+        "server_to_site": read_jsonl(server_run / "fedseg3d" / BYTES_FILES["server_to_site"]),
         "site_to_server": up,
     }
     totals: dict[str, dict[int, int]] = {}

@@ -71,7 +71,8 @@ class LoadSampler(threading.Thread):
 
 
 def optional_jobs(quick: bool) -> dict[str, str]:
-    """DP and quantised jobs, detected by name in ``jobs/`` (a build without them reports them as not available).
+    """DP and quantised jobs in ``jobs/``, told apart by their knobs (a build without them reports them as not
+    available).
 
     The quick mode (a CI smoke test) runs one of each kind: enough to prove the path, not the whole sweep.
     """

@@ -44,7 +44,13 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
 from fedseg3d.filters import codecs
-from fedseg3d.filters.quantize_filter import QUANT_META_KEY, WIRE_DATA_KIND, _meta_without, pack_encoded
+from fedseg3d.filters.quantize_filter import (
+    QUANT_META_KEY,
+    WIRE_DATA_KIND,
+    _meta_without,
+    check_codec_args,
+    pack_encoded,
+)
 
 DELTA_META_KEY = "fedseg3d_downlink_delta"
 FULL, DELTA = "full", "delta"
@@ -101,19 +107,10 @@ class GlobalModelDeltaEncoder(DXOFilter):
         if not isinstance(gap_store_id, str):
             raise ValueError(f"GlobalModelDeltaEncoder: gap_store_id must be a string, got {gap_store_id!r}")
         self.gap_store_id = gap_store_id
-        if not isinstance(single_payload, bool):
-            raise ValueError(f"GlobalModelDeltaEncoder: single_payload must be a bool, got {single_payload!r}")
-        self.single_payload = single_payload
         self.scheme = _check_scheme("scheme", scheme, codecs.SCHEMES)
         self.full_scheme = _check_scheme("full_scheme", full_scheme, ("fp16", *codecs.BLOCKWISE_BITS))
-        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)):
-            raise ValueError(f"GlobalModelDeltaEncoder: block_size must be a positive int or None, got {block_size!r}")
-        if block_size is not None and block_size < 1:
-            raise ValueError(f"GlobalModelDeltaEncoder: block_size must be a positive int or None, got {block_size!r}")
-        if isinstance(topk_fraction, bool) or not isinstance(topk_fraction, int | float) or not 0 < topk_fraction <= 1:
-            raise ValueError(f"GlobalModelDeltaEncoder: topk_fraction must be in (0, 1], got {topk_fraction!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"GlobalModelDeltaEncoder: seed must be a non-negative int, got {seed!r}")
+        check_codec_args("GlobalModelDeltaEncoder", block_size, topk_fraction, seed, single_payload)
+        self.single_payload = single_payload
         self.block_size = block_size
         self.topk_fraction = float(topk_fraction)
         self.seed = seed
@@ -142,7 +139,7 @@ class GlobalModelDeltaEncoder(DXOFilter):
         with self._lock:
             rng = self._rngs.setdefault(site, np.random.default_rng([self.seed, zlib.crc32(site.encode())]))
             ref = self._refs.get(site)
-            unanswered = ref is not None and store is not None and not store.answered(site, self._seq.get(site, 0))
+            unanswered = ref is not None and store is not None and not store.answered(site)
             if unanswered:
                 self.log_warning(
                     fl_ctx,
@@ -188,7 +185,7 @@ class GlobalModelDeltaEncoder(DXOFilter):
             # Commit only once everything encoded: a failure leaves the site's state as it was (FLARE retries later).
             self._refs[site], self._seq[site] = new_ref, seq
         if gaps is not None:
-            store.put(site, gaps, seq)
+            store.put(site, gaps)
         meta = _meta_without(dxo.meta)
         meta[QUANT_META_KEY] = {
             "scheme": scheme,
@@ -311,14 +308,13 @@ class SiteGapStore(FLComponent):
         super().__init__()
         self._lock = threading.Lock()
         self._gaps: dict[str, dict[str, np.ndarray]] = {}
-        self._sent: dict[str, int] = {}
-        self._answered: dict[str, int] = {}
+        self._answered: dict[str, bool] = {}
 
-    def put(self, site: str, gaps: dict[str, np.ndarray], seq: int = 0) -> None:
-        """Record the gap of downlink message ``seq`` to ``site`` (not answered yet)."""
+    def put(self, site: str, gaps: dict[str, np.ndarray]) -> None:
+        """Record the gap of the downlink message just sent to ``site`` (not answered yet)."""
         with self._lock:
             self._gaps[site] = gaps
-            self._sent[site] = seq
+            self._answered[site] = False
 
     def get(self, site: str) -> dict[str, np.ndarray] | None:
         with self._lock:
@@ -327,13 +323,13 @@ class SiteGapStore(FLComponent):
     def mark_answered(self, site: str) -> None:
         """``site`` returned a result for the last message it was sent (so it holds that copy)."""
         with self._lock:
-            if site in self._sent:
-                self._answered[site] = self._sent[site]
+            if site in self._gaps:
+                self._answered[site] = True
 
-    def answered(self, site: str, seq: int) -> bool:
-        """Whether ``site`` returned a result for downlink message ``seq``."""
+    def answered(self, site: str) -> bool:
+        """Whether ``site`` returned a result for the last downlink message it was sent."""
         with self._lock:
-            return self._answered.get(site) == seq
+            return self._answered.get(site, False)
 
 
 class RebaseOnSiteCopy(DXOFilter):

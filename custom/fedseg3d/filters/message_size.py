@@ -63,17 +63,19 @@ def _arrays_in(node: Any, out: list[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
-def streamed_nbytes(shareable: Shareable) -> int:
+def streamed_nbytes(shareable: Shareable, inline_nbytes: int | None = None) -> int:
     """Bytes of ``shareable`` when FLARE streams its arrays through the download service (between real processes).
 
     The message body keeps a short reference per array instead of the array (the difference is a few bytes per
     array and not counted), and each array travels as the ``npz`` item FLARE's ``ArrayDownloadable`` produces.
+    ``inline_nbytes``: ``message_nbytes(shareable)`` when the caller has it already (it serialises the message).
     """
     arrays = _arrays_in(shareable, [])
     decomposer = numpy_decomposers.NumpyArrayDecomposer()
     inline_arrays = sum(len(decomposer.native_decompose(a)) for a in arrays)
     items = ArrayDownloadable({f"a{i}": a for i, a in enumerate(arrays)}, 2 * 1024 * 1024)
-    return message_nbytes(shareable) - inline_arrays + sum(len(items.produce_item(i)) for i in range(len(arrays)))
+    body = message_nbytes(shareable) if inline_nbytes is None else inline_nbytes
+    return body - inline_arrays + sum(len(items.produce_item(i)) for i in range(len(arrays)))
 
 
 def raw_float32_nbytes(shareable: Shareable) -> int | None:
@@ -132,14 +134,15 @@ class MessageSizeRecorder(Filter):
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         """Measure, append a line, log it, and return ``shareable`` itself."""
+        nbytes = message_nbytes(shareable)
         entry = {
             "round": _current_round(shareable, fl_ctx),
             "site": self._site(fl_ctx),
             "task": fl_ctx.get_prop(FLContextKey.TASK_NAME) or shareable.get_header(ReservedKey.TASK_NAME),
             "direction": self.direction,
             "side": self.side,
-            "bytes": message_nbytes(shareable),
-            "streamed_bytes": streamed_nbytes(shareable),
+            "bytes": nbytes,
+            "streamed_bytes": streamed_nbytes(shareable, nbytes),
             "raw_float32_bytes": raw_float32_nbytes(shareable),
             "time": time.time(),
         }

@@ -107,19 +107,11 @@ class QuantizeFilter(DXOFilter):
         super().__init__(supported_data_kinds=list(_QUANTIZABLE_KINDS), data_kinds_to_filter=list(_QUANTIZABLE_KINDS))
         if scheme not in codecs.SCHEMES:
             raise ValueError(f"QuantizeFilter: scheme must be one of {codecs.SCHEMES}, got {scheme!r}")
-        if block_size is not None:
-            if scheme == "fp16":
-                raise ValueError("QuantizeFilter: block_size has no meaning for scheme 'fp16'; leave it unset")
-            if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-                raise ValueError(f"QuantizeFilter: block_size must be a positive int or None, got {block_size!r}")
-        if isinstance(topk_fraction, bool) or not isinstance(topk_fraction, int | float) or not 0 < topk_fraction <= 1:
-            raise ValueError(f"QuantizeFilter: topk_fraction must be in (0, 1], got {topk_fraction!r}")
+        if block_size is not None and scheme == "fp16":
+            raise ValueError("QuantizeFilter: block_size has no meaning for scheme 'fp16'; leave it unset")
+        check_codec_args("QuantizeFilter", block_size, topk_fraction, seed, single_payload)
         if not isinstance(error_feedback, bool):
             raise ValueError(f"QuantizeFilter: error_feedback must be a bool, got {error_feedback!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"QuantizeFilter: seed must be a non-negative int, got {seed!r}")
-        if not isinstance(single_payload, bool):
-            raise ValueError(f"QuantizeFilter: single_payload must be a bool, got {single_payload!r}")
         self.single_payload = single_payload
         self.scheme = scheme
         self.block_size = block_size
@@ -256,6 +248,22 @@ class DequantizeFilter(DXOFilter):
             raise ValueError(f"DequantizeFilter: encoded arrays {missing} listed in the record are missing")
         self.log_debug(fl_ctx, f"{scheme}: restored {len(dtypes)} arrays as {data_kind}")
         return DXO(data_kind=data_kind, data=out, meta=_meta_without(dxo.meta, QUANT_META_KEY))
+
+
+def check_codec_args(who: str, block_size: Any, topk_fraction: Any, seed: Any, single_payload: Any) -> None:
+    """The arguments every encoding filter (this module's and the downlink's) takes, checked the same way.
+
+    Raises:
+        ValueError: naming ``who`` and the argument.
+    """
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"{who}: block_size must be a positive int or None, got {block_size!r}")
+    if isinstance(topk_fraction, bool) or not isinstance(topk_fraction, int | float) or not 0 < topk_fraction <= 1:
+        raise ValueError(f"{who}: topk_fraction must be in (0, 1], got {topk_fraction!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"{who}: seed must be a non-negative int, got {seed!r}")
+    if not isinstance(single_payload, bool):
+        raise ValueError(f"{who}: single_payload must be a bool, got {single_payload!r}")
 
 
 def pack_encoded(data: Mapping[str, Any], who: str) -> dict[str, Any]:

@@ -43,8 +43,8 @@ def save_checkpoint(state: Mapping[str, torch.Tensor], path: Path, provenance: d
     return path
 
 
-def load_checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
-    """The model state in a checkpoint (FLARE's ``{"model": ...}`` format or a bare state dict).
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The model state and the ``fedseg3d_provenance`` entry (empty when it has none) of a checkpoint, in one read.
 
     Raises:
         FileNotFoundError: no such file.
@@ -60,13 +60,19 @@ def load_checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
     state = data.get(MODEL_KEY, data) if isinstance(data, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"initial checkpoint {path}: expected a state dict of tensors (optionally under 'model')")
-    return state
+    provenance = dict(data.get(PROVENANCE_KEY, {})) if MODEL_KEY in data else {}
+    return state, provenance
+
+
+def load_checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
+    """The model state in a checkpoint (FLARE's ``{"model": ...}`` format or a bare state dict); see
+    :func:`read_checkpoint` for the errors."""
+    return read_checkpoint(path)[0]
 
 
 def checkpoint_provenance(path: Path) -> dict[str, Any]:
     """The ``fedseg3d_provenance`` entry of a checkpoint (empty when it has none)."""
-    data = torch.load(Path(path), map_location="cpu", weights_only=True)
-    return dict(data.get(PROVENANCE_KEY, {})) if isinstance(data, dict) else {}
+    return read_checkpoint(path)[1]
 
 
 def state_mismatches(expected: Mapping[str, Any], state: Mapping[str, Any]) -> list[str]:

@@ -76,16 +76,32 @@ def load_shared_state(model: torch.nn.Module, split: LocalStateSplit, weights: d
     missing = [key for key in split.shared if key not in weights]
     if missing:
         raise KeyError(f"global model lacks {len(missing)} shared key(s), e.g. {missing[:3]}")
+    _copy_into(model, weights, split.shared)
+    local = set(split.local)
+    return [key for key in weights if key in local]
+
+
+def load_local_state(model: torch.nn.Module, split: LocalStateSplit, weights: dict[str, np.ndarray]) -> list[str]:
+    """Load the local keys that ``weights`` carries into ``model`` (shared keys are left alone); return them.
+
+    Raises:
+        ValueError: a local key has the wrong shape.
+    """
+    found = [key for key in split.local if key in weights]
+    _copy_into(model, weights, found)
+    return found
+
+
+def _copy_into(model: torch.nn.Module, weights: dict[str, np.ndarray], keys: list[str]) -> None:
+    """Copy ``weights[key]`` into the model's state for every key, all shapes checked before anything is copied."""
     state = model.state_dict()
-    for key in split.shared:
+    for key in keys:
         value = weights[key]
         if tuple(np.shape(value)) != tuple(state[key].shape):
             raise ValueError(
                 f"global model key '{key}' has shape {np.shape(value)}, expected {tuple(state[key].shape)}"
             )
     with torch.no_grad():
-        for key in split.shared:
+        for key in keys:
             tensor = torch.as_tensor(np.asarray(weights[key]))
             state[key].copy_(tensor.to(dtype=state[key].dtype, device=state[key].device))
-    local = set(split.local)
-    return [key for key in weights if key in local]

@@ -35,12 +35,7 @@ import torch
 from fedseg3d.data.datalist import Datalist, load_datalist
 from fedseg3d.data.dataset import CasePreparer, prepare_cases
 from fedseg3d.data.transforms import PreprocessConfig
-from fedseg3d.models.checkpoint import (
-    check_state_matches,
-    checkpoint_provenance,
-    load_checkpoint_state,
-    save_checkpoint,
-)
+from fedseg3d.models.checkpoint import check_state_matches, read_checkpoint, save_checkpoint
 from fedseg3d.models.presets import build_model
 from fedseg3d.tools.job_config import learner_args
 from fedseg3d.training.device import resolve_device
@@ -154,9 +149,7 @@ def pretrain(
             f"  epoch {epoch + 1}/{epochs}: loss {result.train.mean_loss:.4f}, public val Dice "
             f"{result.local_eval.mean_dice:.4f} {_rounded(result.local_eval.class_dice)} ({result.train.seconds:.1f} s)"
         )
-    state = trainer.model.state_dict()
-    expected = build_model(training.model_preset, out_channels=len(class_names)).state_dict()
-    check_state_matches(expected, state, out, f"preset '{training.model_preset}'")  # what a job will check too
+    state = trainer.model.state_dict()  # built from training.model_preset, so it fits that preset by construction
     provenance = {
         "tool": "fedseg3d.tools.pretrain",
         "model_preset": training.model_preset,
@@ -192,12 +185,11 @@ def evaluate_checkpoint(
     Raises:
         ValueError: the checkpoint does not fit the preset it names, or has no provenance.
     """
-    provenance = checkpoint_provenance(checkpoint)
+    state, provenance = read_checkpoint(checkpoint)
     if "model_preset" not in provenance:
         raise ValueError(f"{checkpoint}: no fedseg3d provenance (model_preset); was it written by this tool?")
     class_names, preprocessing, _ = job_settings(job_dir)
     model = build_model(provenance["model_preset"], out_channels=len(class_names))
-    state = load_checkpoint_state(checkpoint)
     check_state_matches(model.state_dict(), state, checkpoint, f"preset '{provenance['model_preset']}'")
     model.load_state_dict(state)
     torch_device = resolve_device(device)

@@ -21,7 +21,7 @@ from monai.utils import set_determinism
 from fedseg3d.data.datalist import Datalist
 from fedseg3d.data.dataset import CasePreparer, PreparedCases, make_train_loader, prepare_cases
 from fedseg3d.data.transforms import PreprocessConfig
-from fedseg3d.models.local_state import load_shared_state, shared_state_numpy, split_local_state
+from fedseg3d.models.local_state import load_local_state, load_shared_state, shared_state_numpy, split_local_state
 from fedseg3d.models.presets import build_model, count_parameters
 from fedseg3d.privacy.accounting import Mechanism
 from fedseg3d.training.device import resolve_device, use_mixed_precision
@@ -178,18 +178,9 @@ class SiteTrainer:
         """
         if self.local_state_adopted:
             return
-        state = self.model.state_dict()
-        found = [key for key in self.split.local if key in weights]
+        found = load_local_state(self.model, self.split, weights)
         if not found:
             return  # e.g. another site's model in cross-site evaluation: it carries no local state
-        for key in found:
-            if tuple(np.shape(weights[key])) != tuple(state[key].shape):
-                raise ValueError(
-                    f"global model key '{key}' has shape {np.shape(weights[key])}, expected {tuple(state[key].shape)}"
-                )
-        with torch.no_grad():
-            for key in found:
-                state[key].copy_(torch.as_tensor(np.asarray(weights[key])).to(dtype=state[key].dtype))
         self.local_state_adopted = True
         logger.info("%s: local state (%d keys) starts from the server's initial model", self.site_name, len(found))
 
