@@ -236,6 +236,52 @@ def secure_generator() -> torch.Generator:
     return torchcsprng.create_random_device_generator("/dev/urandom")
 
 
+@dataclass(frozen=True)
+class ClipStatistics:
+    """How the per-patient gradients of a round compared with the clip norm, before clipping.
+
+    Why: the clip norm decides how much of each patient's gradient survives against noise of scale
+    ``noise_multiplier * max_grad_norm``. A clip norm above most gradient norms adds noise for signal that is never
+    there (the benchmark measured median norms of 0.2 to 0.4 for the tiny U-Net once the organ is learned, against
+    the old default of 1.0); one far below them only shortens every step alike. These figures are computed from the
+    private data without noise, so they stay in the site's own log and are never sent or streamed.
+
+    Attributes:
+        median: median per-patient gradient L2 norm over the round's steps.
+        p90: its 90th percentile.
+        clipped_fraction: share of per-patient gradients whose norm exceeded ``max_grad_norm``.
+        count: per-patient gradients seen.
+    """
+
+    median: float
+    p90: float
+    clipped_fraction: float
+    count: int
+
+    @classmethod
+    def of(cls, norms: torch.Tensor, max_grad_norm: float) -> ClipStatistics | None:
+        """Summarise a 1-D tensor of per-patient gradient norms; ``None`` when there are none."""
+        if norms.numel() == 0:
+            return None
+        norms = norms.detach().float().cpu()
+        median, p90 = torch.quantile(norms, torch.tensor([0.5, 0.9])).tolist()
+        clipped = float((norms > max_grad_norm).float().mean())
+        return cls(median=median, p90=p90, clipped_fraction=clipped, count=int(norms.numel()))
+
+
+def per_patient_grad_norms(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The L2 norm of each sample's gradient over all ``params`` (from Opacus's ``grad_sample``), the quantity
+    ``DPOptimizer`` clips. Parameters without per-sample gradients are skipped."""
+    per_param = [p.grad_sample.reshape(p.grad_sample.shape[0], -1).norm(2, dim=1) for p in params if _has_samples(p)]
+    if not per_param:
+        return torch.zeros(0)
+    return torch.stack(per_param, dim=1).norm(2, dim=1)
+
+
+def _has_samples(param: torch.nn.Parameter) -> bool:
+    return torch.is_tensor(getattr(param, "grad_sample", None)) and param.grad_sample.shape[0] > 0
+
+
 def _batch_size(batch) -> int:
     """Patients in a collated batch; Opacus returns an empty list or zero-length tensors for an empty sample."""
     if isinstance(batch, dict) and torch.is_tensor(batch.get("image")):
@@ -284,6 +330,7 @@ def train_dpsgd(
     grad_module.train()
     started = time.perf_counter()
     steps, patches, loss_sum, loss_steps = 0, 0, 0.0, 0
+    norms: list[torch.Tensor] = []
     try:
         while steps < planned and not should_stop():
             for batch in loader:
@@ -304,6 +351,7 @@ def train_dpsgd(
                     if not math.isfinite(loss_value):
                         raise FloatingPointError(f"DP-SGD loss is {loss_value} at step {steps}: training diverged")
                     loss.backward()
+                    norms.append(per_patient_grad_norms(dp_optimizer.params))
                     loss_sum += loss_value
                     loss_steps += 1
                     patches += n
@@ -322,4 +370,16 @@ def train_dpsgd(
     mechanism = patient_dpsgd_mechanism(config.noise_multiplier, config.patients_per_step, len(items), max(steps, 1))
     if steps == 0:
         logger.warning("DP-SGD took no step (stopped before the first); charging one step to be conservative")
+    clip = ClipStatistics.of(torch.cat(norms) if norms else torch.zeros(0), config.max_grad_norm)
+    if clip is not None:
+        # Site log only: these are un-noised statistics of the private data (see ClipStatistics).
+        logger.info(
+            "DP-SGD per-patient gradient norms before clipping (site-local, never sent): median %.4g, 90th percentile "
+            "%.4g over %d gradients; %.0f%% clipped at max_grad_norm=%g",
+            clip.median,
+            clip.p90,
+            clip.count,
+            100 * clip.clipped_fraction,
+            config.max_grad_norm,
+        )
     return stats, mechanism, accountant

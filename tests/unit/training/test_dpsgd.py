@@ -14,10 +14,12 @@ from fedseg3d.data.transforms import PreprocessConfig
 from fedseg3d.models.presets import build_model
 from fedseg3d.privacy.accounting import epsilon_for
 from fedseg3d.training.dpsgd import (
+    ClipStatistics,
     DPSGDConfig,
     OnePatchPerPatient,
     check_model_supports_dpsgd,
     make_patient_loader,
+    per_patient_grad_norms,
     train_dpsgd,
 )
 
@@ -177,3 +179,41 @@ def test_noise_is_added_with_the_configured_scale():
     # SGD with lr 1: the update is the sum over steps of (clipped gradient sum + noise) / expected batch size. Each
     # clipped sum is at most per_step * C; the noise of std 50 over ~0.15 M parameters dwarfs that.
     assert loud_norm > 20 * quiet_norm
+
+
+def test_per_patient_gradient_norms_equal_those_of_separate_backward_passes():
+    """The norms the site logs are those Opacus clips: each patient's whole-model gradient, computed here the slow
+    way (one backward pass per patient) and compared."""
+    from opacus import GradSampleModule  # noqa: PLC0415 - only this test builds one directly
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(1, 3, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    inputs, targets = torch.randn(5, 1, 6, 6, 6), torch.tensor([0, 1, 1, 0, 1])
+    model(inputs)  # materialise the lazy layer
+    expected = []
+    for i in range(5):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(inputs[i : i + 1]), targets[i : i + 1]).backward()
+        expected.append(torch.cat([p.grad.flatten() for p in model.parameters()]).norm())
+    wrapped = GradSampleModule(copy.deepcopy(model), batch_first=True, loss_reduction="sum")
+    torch.nn.functional.cross_entropy(wrapped(inputs), targets, reduction="sum").backward()
+    norms = per_patient_grad_norms(list(wrapped.parameters()))
+    wrapped._close()
+    assert torch.allclose(norms, torch.stack(expected), rtol=1e-4)
+
+
+def test_clip_statistics_report_median_tail_and_clipped_share():
+    stats = ClipStatistics.of(torch.tensor([0.1, 0.2, 0.3, 0.4, 2.0]), max_grad_norm=0.25)
+    assert stats.median == pytest.approx(0.3)
+    assert stats.p90 == pytest.approx(1.36)  # linear interpolation between 0.4 and 2.0
+    assert stats.clipped_fraction == pytest.approx(0.6)
+    assert stats.count == 5
+    assert ClipStatistics.of(torch.zeros(0), 1.0) is None
+
+
+def test_training_logs_clip_statistics_in_the_site_log(caplog):
+    config = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1e-6, patients_per_step=2, steps_per_round=2)
+    with caplog.at_level("INFO", logger="fedseg3d.training.dpsgd"):
+        run(config, n_patients=4)
+    [message] = [r.getMessage() for r in caplog.records if "gradient norms before clipping" in r.getMessage()]
+    assert "100% clipped at max_grad_norm=1e-06" in message
