@@ -332,18 +332,14 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
     return replace(base, **changes)
 
 
-def merge_rows(
-    earlier: dict[str, Any],
-    rows: list[dict[str, Any]],
-    budget: Budget,
-    cases: dict,
-    public_settings: dict[str, Any] | None = None,
-) -> list[dict]:
-    """Rows of an earlier report that this run did not redo, in their order, then this run's new rows.
+def check_mergeable(
+    earlier: dict[str, Any], budget: Budget, cases: dict, public_settings: dict[str, Any] | None = None
+) -> None:
+    """Refuse to merge with a report whose rows would not compare; called before any run, so that a wrong
+    ``--merge`` costs seconds, not the hour of simulator runs after which ``merge_rows`` would refuse it.
 
     Raises:
-        ValueError: the earlier report had another budget, other sites or other public pretraining (its rows would
-            not compare).
+        ValueError: the earlier report had another budget, other sites or other public pretraining.
     """
     if earlier.get("budget") != asdict(budget) or earlier.get("cases") != cases:
         raise ValueError(
@@ -356,6 +352,21 @@ def merge_rows(
             f"--merge: the earlier report's public pretraining {earlier_public} differs from this run's "
             f"{public_settings}; its rows would not compare"
         )
+
+
+def merge_rows(
+    earlier: dict[str, Any],
+    rows: list[dict[str, Any]],
+    budget: Budget,
+    cases: dict,
+    public_settings: dict[str, Any] | None = None,
+) -> list[dict]:
+    """Rows of an earlier report that this run did not redo, in their order, then this run's new rows.
+
+    Raises:
+        ValueError: as ``check_mergeable``.
+    """
+    check_mergeable(earlier, budget, cases, public_settings)
     new = {r["name"]: r for r in rows}
     merged = [new.pop(r["name"], {"command": earlier["command"], **r}) for r in earlier["rows"]]
     return merged + list(new.values())
@@ -457,6 +468,11 @@ def main(argv: list[str] | None = None) -> None:
         datalist = json.loads((sites_root / site / "datalist.json").read_text())
         cases[site] = f"{len(datalist['training'])}/{len(datalist['validation'])}"
     print(f"sites (training/validation cases): {cases}; budget {asdict(budget)}", flush=True)
+    if earlier is not None:
+        try:
+            check_mergeable(earlier, budget, cases, asdict(public) if public else None)
+        except ValueError as err:
+            parser.error(str(err))
     command = shlex.join(["python", "benchmarks/privacy_tradeoff.py", *argv])
     rows, checkpoints = [], {}
     if public is not None:

@@ -238,3 +238,16 @@ def test_outcome_is_read_from_a_finished_runs_files(tmp_path):
     assert (outcome["epsilon"], outcome["unit"]) == (8.0, PATIENT)
     assert outcome["site_train_seconds_per_round"] == {"site-1": 7.0, "site-2": 4.0}
     assert outcome["dp_sgd"] == {}, "no ledger kept in this fake run"
+
+
+def test_merge_with_a_report_of_another_budget_is_refused_before_any_run(tmp_path, capsys, monkeypatch):
+    """A wrong --merge must cost seconds, not the simulator runs after which the merge would fail."""
+    out = tmp_path / "docs"
+    out.mkdir()
+    earlier = {"command": "x", "budget": {"rounds": 99}, "cases": {}, "rows": []}
+    (out / "report.json").write_text(json.dumps(earlier))
+    monkeypatch.setattr("benchmarks.privacy_tradeoff.run_config", lambda *a, **k: pytest.fail("a run started"))
+    argv = ["--quick", "--merge", "--report-name", "report", "--out-dir", str(out), "--workspace", str(tmp_path / "w")]
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "would not compare" in capsys.readouterr().err
