@@ -23,6 +23,9 @@ the accountant must be told the rate the sampler really uses.
 Why not ``ModuleValidator.fix``: it would swap batch norm for group norm at the site only, so the site's network
 would no longer match the server's. The job must name a preset without batch norm (``unet3d_tiny_instancenorm``).
 
+Each round also logs the per-patient gradient norms before clipping (``ClipStatistics``), in the site's log only, so
+that a site can set ``max_grad_norm`` near them: a clip norm far above them adds noise for signal that is not there.
+
 Not covered: the per-round metrics the learner reports (loss, validation Dice on the site's validation cases), and
 the number of training cases used to weight the average. Noise comes from torch's generator unless
 ``secure_mode`` (Opacus's cryptographically secure RNG; needs the ``torchcsprng`` package).
