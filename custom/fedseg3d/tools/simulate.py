@@ -16,7 +16,9 @@ budget for sites that have none yet (an existing budget file is never changed). 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -49,8 +51,26 @@ def run_simulation(
     if privacy_dir is not None:
         env[PRIVACY_DIR_ENV] = str(Path(privacy_dir).resolve())
     command = simulator_command(job_dir.resolve(), workspace.resolve(), sites, threads or len(sites))
-    completed = subprocess.run(command, env=env, timeout=timeout, check=False)
-    return completed.returncode
+    return run_process_group(command, env, timeout)
+
+
+def run_process_group(command: list[str], env: dict[str, str], timeout: float | None) -> int:
+    """Run ``command`` in its own process group and wait; on a timeout or any interruption kill the whole group.
+
+    Why: the FLARE simulator forks helper processes with the same command line. ``subprocess.run``'s timeout kills
+    only the direct child, which left those helpers running (and using the CPU) after a benchmark's timeout.
+
+    Raises:
+        subprocess.TimeoutExpired: ``timeout`` passed; every process of the group has been killed.
+    """
+    process = subprocess.Popen(command, env=env, start_new_session=True)
+    try:
+        return process.wait(timeout=timeout)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
 
 
 def main(argv: list[str] | None = None) -> None:
