@@ -53,7 +53,8 @@ def _work_sentence(b: dict[str, Any]) -> str:
     return (
         f"{epochs} local epoch(s) per round (FedBN/FedAvg: {epochs} pass(es) over the site's training cases, 2 "
         f"random patches per case, batches of 2 patches; DP-SGD: {epochs} expected pass(es) over the patients, one "
-        f"random patch per sampled patient, {batch} expected patients per step)"
+        f"random patch per sampled patient unless a row sets `patches_per_patient`, {batch} expected patients per "
+        "step)"
     )
 
 

@@ -138,7 +138,15 @@ def test_dpsgd_job_with_a_target_epsilon_calibrates_each_site_and_ends_within_it
     privacy = tmp_path / "privacy"
     for site in SITES:
         write_site_budget(privacy / site, epsilon_budget=100.0, delta=DELTA)
-    overrides = {"sites_per_round": 2, "num_rounds": 2, "local_steps": 2, "patients_per_step": 1, "target_epsilon": 6.0}
+    # Two patches per patient (augmentation multiplicity): the calibration and the ledger are those of one patient.
+    overrides = {
+        "sites_per_round": 2,
+        "num_rounds": 2,
+        "local_steps": 2,
+        "patients_per_step": 1,
+        "target_epsilon": 6.0,
+        "patches_per_patient": 2,
+    }
     workspace = simulate("unet3d_dpsgd", tiny_sites, privacy, tmp_path, overrides)
 
     records = server_file(workspace, "privacy.jsonl")
@@ -147,5 +155,6 @@ def test_dpsgd_job_with_a_target_epsilon_calibrates_each_site_and_ends_within_it
         assert [e.round for e in entries] == [0, 1]
         sigmas = {e.noise_multiplier for e in entries}
         assert len(sigmas) == 1 and sigmas != {1.0}, "the site's own calibrated sigma, the same in every round"
+        assert {e.details["patches_per_patient"] for e in entries} == {2}
         final = max((r for r in records if r["site"] == site), key=lambda r: r["round"])
         assert 6.0 - 0.05 < final["epsilon"] <= 6.0

@@ -273,6 +273,7 @@ class SegmentationLearner(Learner):
                     "site": self.site_name,
                     "max_grad_norm": self.dp_sgd.max_grad_norm,
                     "patients_per_step": self.dp_sgd.patients_per_step,
+                    "patches_per_patient": self.dp_sgd.patches_per_patient,
                     "patients": self.trainer.num_train_cases,
                     "learner": type(self).__name__,
                     **({"target_epsilon": self._calibration["target_epsilon"]} if self._calibration else {}),

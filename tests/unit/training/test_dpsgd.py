@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import math
 
@@ -16,7 +17,8 @@ from fedseg3d.privacy.accounting import epsilon_for
 from fedseg3d.training.dpsgd import (
     ClipStatistics,
     DPSGDConfig,
-    OnePatchPerPatient,
+    PatientPatches,
+    average_grad_samples_per_patient,
     check_model_supports_dpsgd,
     make_patient_loader,
     per_patient_grad_norms,
@@ -40,11 +42,22 @@ def patients(n: int, seed: int = 0) -> list[dict]:
 
 
 def test_each_patient_yields_exactly_one_patch_although_samples_per_volume_is_larger():
-    dataset = OnePatchPerPatient(patients(3), PREPROCESSING, seed=0)
+    dataset = PatientPatches(patients(3), PREPROCESSING, seed=0)
     assert len(dataset) == 3
     sample = dataset[1]
     assert set(sample) == {"image", "label"}
-    assert tuple(sample["image"].shape) == (1, 16, 16, 16)  # one patch, not a list of samples_per_volume patches
+    # One patch under the patient axis, not the samples_per_volume (4) patches of the ordinary loader.
+    assert tuple(sample["image"].shape) == (1, 1, 16, 16, 16)
+    assert tuple(sample["label"].shape) == (1, 1, 16, 16, 16)
+
+
+def test_several_patches_of_one_patient_stay_together_under_one_element():
+    dataset = PatientPatches(patients(3), PREPROCESSING, seed=0, patches=3)
+    assert len(dataset) == 3  # still one element per patient: the sampler draws patients, not patches
+    sample = dataset[0]
+    assert tuple(sample["image"].shape) == (3, 1, 16, 16, 16)
+    crops = sample["image"].flatten(1)
+    assert not torch.equal(crops[0], crops[1]) or not torch.equal(crops[1], crops[2]), "the patches are not random"
 
 
 def test_loader_samples_patients_independently_at_the_configured_rate_never_twice_per_step():
@@ -217,3 +230,55 @@ def test_training_logs_clip_statistics_in_the_site_log(caplog):
         run(config, n_patients=4)
     [message] = [r.getMessage() for r in caplog.records if "gradient norms before clipping" in r.getMessage()]
     assert "100% clipped at max_grad_norm=1e-06" in message
+
+
+def test_averaged_patch_gradients_equal_the_gradient_of_each_patients_mean_patch_loss():
+    """Augmentation multiplicity: after averaging, each row is one patient's gradient of its mean patch loss (the
+    slow way: one backward pass per patient over its patches), so the clip bounds a patient, not a patch."""
+    from opacus import GradSampleModule  # noqa: PLC0415 - only these tests build one directly
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(1, 3, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    n_patients, k = 3, 4
+    inputs, targets = torch.randn(n_patients * k, 1, 6, 6, 6), torch.randint(0, 2, (n_patients * k,))
+    model(inputs)  # materialise the lazy layer
+    expected = []
+    for b in range(n_patients):
+        model.zero_grad()
+        rows = slice(b * k, (b + 1) * k)
+        torch.nn.functional.cross_entropy(model(inputs[rows]), targets[rows]).backward()
+        expected.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    wrapped = GradSampleModule(copy.deepcopy(model), batch_first=True, loss_reduction="mean")
+    torch.nn.functional.cross_entropy(wrapped(inputs), targets).backward()
+    params = list(wrapped.parameters())
+    average_grad_samples_per_patient(params, n_patients, k)
+    per_patient = torch.cat([p.grad_sample.reshape(n_patients, -1) for p in params], dim=1)
+    wrapped._close()
+    assert per_patient.shape[0] == n_patients
+    assert torch.allclose(per_patient, torch.stack(expected), rtol=1e-4, atol=1e-6)
+
+
+def test_averaging_refuses_gradients_that_do_not_split_into_patients_and_patches():
+    param = torch.nn.Parameter(torch.zeros(2))
+    param.grad_sample = torch.zeros(5, 2)
+    with pytest.raises(ValueError, match="5 rows, expected 2 patient"):
+        average_grad_samples_per_patient([param], 2, 2)
+
+
+def test_several_patches_per_patient_clip_one_gradient_per_patient_and_cost_no_epsilon(caplog):
+    single = DPSGDConfig(noise_multiplier=1.3, max_grad_norm=1e-6, patients_per_step=2, steps_per_round=3)
+    multi = dataclasses.replace(single, patches_per_patient=3)
+    with caplog.at_level("INFO", logger="fedseg3d.training.dpsgd"):
+        _, _, stats, mechanism, accountant = run(multi, n_patients=4)
+    # The accountant sees the same Poisson rate and steps as with one patch: the unit is still one patient.
+    assert tuple(mechanism) == tuple(run(single, n_patients=4)[3])
+    assert accountant.history == [(1.3, 0.5, 3)]
+    [message] = [r.getMessage() for r in caplog.records if "gradient norms before clipping" in r.getMessage()]
+    counted = int(message.split(" over ")[1].split(" gradients")[0])
+    assert stats.patches == 3 * counted  # three patches trained, one clipped gradient per sampled patient
+
+
+def test_patches_per_patient_must_be_a_whole_number_of_at_least_one():
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="patches_per_patient"):
+            DPSGDConfig(patches_per_patient=bad)
