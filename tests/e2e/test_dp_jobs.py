@@ -15,9 +15,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from fedseg3d.models.local_state import batchnorm_state_keys, split_local_state
 from fedseg3d.models.presets import build_model
 from fedseg3d.privacy.accounting import PATIENT, SITE_UPDATE, epsilon_for, site_update_mechanism
-from fedseg3d.privacy.ledger import PrivacyLedger
+from fedseg3d.privacy.ledger import RUN_DETAIL, PrivacyLedger, load_site_privacy_budget
 from fedseg3d.privacy.site_budget import write_site_budget
 from fedseg3d.tools.build_jobs import build_jobs
+from fedseg3d.tools.privacy_report import site_report
 from fedseg3d.tools.simulate import run_simulation
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,6 +107,11 @@ def test_fedbn_dp_records_epsilon_per_site_and_round_and_an_exhausted_site_is_re
         [epsilon_for([site_update_mechanism(sigma, r)], DELTA) for r in (3, 4)]
     )
     assert (second / "server" / "simulate_job" / "app_server" / "FL_global_model.pt").is_file()
+    # Both runs are called simulate_job; the ledger's run ids keep them apart in the privacy officer's report.
+    runs = [e.details[RUN_DETAIL] for e in ledger(privacy, "site-1").entries()]
+    assert runs[0] == runs[1] != runs[2] == runs[3]
+    report = site_report(load_site_privacy_budget(privacy / "site-1" / "privacy_budget.json"))
+    assert report.count("job simulate_job (run ") == 2
 
 
 def test_dpsgd_job_completes_and_records_patient_epsilon_per_site_and_round(tiny_sites, tmp_path):

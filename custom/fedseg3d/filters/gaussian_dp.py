@@ -63,7 +63,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 
 from fedseg3d.privacy.accounting import ACCOUNTANTS, SITE_UPDATE, Mechanism, epsilon_for, site_update_mechanism
-from fedseg3d.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger, SiteBudget, SpendEntry
+from fedseg3d.privacy.ledger import RUN_DETAIL, PrivacyBudgetExceeded, PrivacyLedger, SiteBudget, SpendEntry, new_run_id
 from fedseg3d.privacy.record import META_DELTA, META_EPSILON, META_SCOPE, META_UNIT
 from fedseg3d.privacy.site_budget import PRIVACY_DIR_ENV, find_site_budget, where_looked
 
@@ -206,6 +206,7 @@ class GaussianDPFilter(Filter):
 
         self.clip_norm = float(clip_norm)
         self.noise_multiplier = float(noise_multiplier)
+        self._run_id = new_run_id()  # one filter object per job run at the site; see the ledger's RUN_DETAIL
         self.neighbouring = neighbouring
         self.require_budget = require_budget
         self.delta = float(delta)
@@ -313,6 +314,7 @@ class GaussianDPFilter(Filter):
             steps=mechanism.steps,
             details={
                 "site": fl_ctx.get_identity_name(),
+                RUN_DETAIL: self._run_id,
                 "clip_norm": self.clip_norm,
                 "noise_multiplier": self.noise_multiplier,
                 "neighbouring": self.neighbouring,

@@ -27,7 +27,15 @@ from fedseg3d.data.errors import DataError
 from fedseg3d.data.site_config import SiteConfig, find_site_config
 from fedseg3d.data.transforms import PreprocessConfig
 from fedseg3d.privacy.accounting import PATIENT, Mechanism, cost_of, epsilon_for
-from fedseg3d.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger, PrivacyLedgerError, SiteBudget, SpendEntry
+from fedseg3d.privacy.ledger import (
+    RUN_DETAIL,
+    PrivacyBudgetExceeded,
+    PrivacyLedger,
+    PrivacyLedgerError,
+    SiteBudget,
+    SpendEntry,
+    new_run_id,
+)
 from fedseg3d.privacy.record import privacy_meta
 from fedseg3d.privacy.site_budget import find_site_budget, where_looked
 from fedseg3d.training.dpsgd import DPSGDConfig
@@ -78,6 +86,7 @@ class SegmentationLearner(Learner):
             raise ValueError(f"require_privacy_budget must be true or false, got {require_privacy_budget!r}")
         self.require_privacy_budget = require_privacy_budget
         self._job_privacy_history: list[Mechanism] = []
+        self._run_id = new_run_id()  # tells this run's ledger entries apart (the simulator reuses its job id)
         self._calibration: dict[str, Any] | None = None  # target_epsilon: the noise this site picked (first round)
         self._site_config_dir: str | None = None
         self.trainer: SiteTrainer | None = None
@@ -271,6 +280,7 @@ class SegmentationLearner(Learner):
                 steps=mechanism.steps,
                 details={
                     "site": self.site_name,
+                    RUN_DETAIL: self._run_id,
                     "max_grad_norm": self.dp_sgd.max_grad_norm,
                     "patients_per_step": self.dp_sgd.patients_per_step,
                     "patches_per_patient": self.dp_sgd.patches_per_patient,

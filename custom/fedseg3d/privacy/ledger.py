@@ -46,6 +46,7 @@ import math
 import numbers
 import os
 import tempfile
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -84,6 +85,18 @@ class PrivacyBudgetExceeded(RuntimeError):
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+RUN_DETAIL = "run"  # details key: which run of a job released it (see new_run_id)
+
+
+def new_run_id() -> str:
+    """A random id for one run of a job at a site, recorded with each release under ``details["run"]``.
+
+    Why: the FLARE simulator names every job ``simulate_job``, so without it the ledger cannot tell two simulator
+    runs apart; in POC and production the job id is unique and the run id only repeats that.
+    """
+    return uuid.uuid4().hex[:8]
 
 
 @dataclass(frozen=True)
