@@ -152,8 +152,9 @@ def markdown(result: dict[str, Any]) -> str:
         sim = "-" if r["simulator_seconds"] is None else f"{r['simulator_seconds']:.0f}"
         per_class = ", ".join(f"{c} {v:.3f}" for c, v in r.get("class_dice", {}).items()) or "-"
         train = " / ".join(f"{v:.1f}" for _, v in sorted(r.get("site_train_seconds_per_round", {}).items())) or "-"
+        versus = "-" if math.isnan(reference) else f"{r['mean_dice'] - reference:+.4f}"  # no FedBN row (yet)
         lines.append(
-            f"| {r['name']} | {r['job']} | {knobs} | {r['mean_dice']:.4f} | {r['mean_dice'] - reference:+.4f} "
+            f"| {r['name']} | {r['job']} | {knobs} | {r['mean_dice']:.4f} | {versus} "
             f"| {per_class} | {eps} | {r['unit'] or '-'} | {sigma_cell(r)} | {auc} | {train} "
             f"| {sim} | {r['load_average_1min'][0]:.2f} / {r['load_average_1min'][1]:.2f} |"
         )

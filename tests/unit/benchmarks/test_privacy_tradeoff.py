@@ -201,6 +201,10 @@ def test_markdown_has_one_table_line_per_row():
     text = markdown(result)
     assert sum(line.startswith("| fedbn |") or line.startswith("| dpsgd |") for line in text.splitlines()) == 2
     assert "`cmd`" in text and "2 CPU cores" in text
+    # Without a FedBN row (a report's first row run alone) the comparison column says so instead of "+nan".
+    without_reference = markdown(result | {"rows": rows[1:], "verdict": verdict(rows[1:])})
+    [line] = [line for line in without_reference.splitlines() if line.startswith("| dpsgd |")]
+    assert "nan" not in line.split("|")[5] and line.split("|")[5].strip() == "-"
 
 
 def test_outcome_is_read_from_a_finished_runs_files(tmp_path):
