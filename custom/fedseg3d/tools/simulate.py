@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from fedseg3d.data.site_config import SITES_ROOT_ENV
@@ -58,12 +59,17 @@ def run_process_group(command: list[str], env: dict[str, str], timeout: float | 
     """Run ``command`` in its own process group and wait; on a timeout or any interruption kill the whole group.
 
     Why: the FLARE simulator forks helper processes with the same command line. ``subprocess.run``'s timeout kills
-    only the direct child, which left those helpers running (and using the CPU) after a benchmark's timeout.
+    only the direct child, which left those helpers running (and using the CPU) after a benchmark's timeout. The
+    group has its own session, so a signal to the caller does not reach it: in the main thread, SIGTERM (``kill``,
+    a CI runner stopping a job) is turned into ``SystemExit`` for the duration, so that it too kills the group.
 
     Raises:
         subprocess.TimeoutExpired: ``timeout`` passed; every process of the group has been killed.
+        SystemExit: the caller received SIGTERM (exit status 143); every process of the group has been killed.
     """
     process = subprocess.Popen(command, env=env, start_new_session=True)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main_thread else None
     try:
         return process.wait(timeout=timeout)
     except BaseException:
@@ -71,6 +77,13 @@ def run_process_group(command: list[str], env: dict[str, str], timeout: float | 
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         raise
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> None:

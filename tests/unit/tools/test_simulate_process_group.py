@@ -46,3 +46,31 @@ def test_timeout_kills_the_forked_children_too(tmp_path):
 
 def test_exit_code_is_returned():
     assert run_process_group([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), timeout=30) == 3
+
+
+def test_sigterm_to_the_caller_kills_the_forked_children_too(tmp_path):
+    """``kill <benchmark pid>`` used to leave the simulator's own session running: the caller must take it down."""
+    pid_file = tmp_path / "child.pid"
+    grandchild = (
+        "import subprocess, sys, time; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(60)"
+    )
+    caller = (
+        "import os, sys; from fedseg3d.tools.simulate import run_process_group; "
+        f"run_process_group([sys.executable, '-c', {grandchild!r}], dict(os.environ), timeout=60)"
+    )
+    process = subprocess.Popen([sys.executable, "-c", caller])
+    deadline = time.monotonic() + 20
+    while not pid_file.is_file() or not pid_file.read_text():
+        assert time.monotonic() < deadline, "the forked child never started"
+        time.sleep(0.1)
+    process.terminate()
+    assert process.wait(timeout=20) == 143
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while running(child):
+        if time.monotonic() > deadline:
+            os.kill(child, 9)
+            pytest.fail(f"forked child {child} survived SIGTERM to the caller")
+        time.sleep(0.1)
