@@ -9,10 +9,26 @@ from __future__ import annotations
 import math
 from typing import Any
 
+LATE_ROUNDS = 3  # the global models averaged by late_mean
+
+
+def late_mean(row: dict[str, Any], rounds: int = LATE_ROUNDS) -> float | None:
+    """Mean Dice of the last ``rounds`` global models of a row (``None`` without that many rounds recorded).
+
+    Why: a single final-round figure moves by several hundredths from one round to the next (FedBN most), as much
+    as the goal's 0.02; the mean of the last few global models is a steadier read of where a run ended up.
+    """
+    values = [v for _, v in sorted((int(k), v) for k, v in (row.get("per_round_dice") or {}).items())]
+    if len(values) < rounds + 1:  # round 0 is the initial model
+        return None
+    late = values[-rounds:]
+    return sum(late) / len(late) if all(math.isfinite(v) for v in late) else None
+
 
 def verdict(rows: list[dict[str, Any]], goal_epsilon: float = 8.0, goal_loss: float = 0.02) -> list[str]:
     """Read the results against the goal (patient-level epsilon <= 8 loses at most 0.02 Dice vs FedBN), and, when a
-    non-private row other than ``fedbn`` scored higher (``public_only`` rows aside), against that row too."""
+    non-private row other than ``fedbn`` scored higher (``public_only`` rows aside), against that row too; then the
+    same on the mean of the last rounds' global models (``late_mean``), where the rows recorded them."""
     reference = next((r for r in rows if r["name"] == "fedbn"), None)
     if reference is None:
         return ["no non-private FedBN row: nothing to compare against"]
@@ -38,7 +54,22 @@ def verdict(rows: list[dict[str, Any]], goal_epsilon: float = 8.0, goal_loss: fl
                     f"{row['name']}: Dice {-gap:+.4f} vs the best non-private row ({best['name']}, "
                     f"{best['mean_dice']:.4f}): {'within' if gap <= goal_loss else 'outside'} the goal's 0.02 of it"
                 )
+            lines.extend(_late_line(row, trained, goal_loss))
     return lines
+
+
+def _late_line(row: dict[str, Any], non_private: list[dict[str, Any]], goal_loss: float) -> list[str]:
+    """The verdict on the mean of the last rounds, against the non-private row with the highest such mean."""
+    ours = late_mean(row)
+    theirs = [(late_mean(r), r["name"]) for r in non_private if late_mean(r) is not None]
+    if ours is None or not theirs:
+        return []
+    best, name = max(theirs)
+    gap = best - ours
+    return [
+        f"{row['name']}: mean of the last {LATE_ROUNDS} global models {ours:.4f}, {-gap:+.4f} vs the best non-private "
+        f"row's ({name}, {best:.4f}): {'within' if gap <= goal_loss else 'outside'} the goal's 0.02"
+    ]
 
 
 def _work_sentence(b: dict[str, Any]) -> str:

@@ -24,6 +24,7 @@ from benchmarks.privacy_tradeoff import (
     read_outcome,
     verdict,
 )
+from benchmarks.privacy_tradeoff_report import late_mean
 from fedseg3d.privacy.accounting import PATIENT
 from fedseg3d.privacy.ledger import PrivacyLedger, SpendEntry, load_site_privacy_budget
 from fedseg3d.privacy.site_budget import write_site_budget
@@ -156,6 +157,27 @@ def test_verdict_compares_patient_level_rows_with_fedbn_only():
     assert "outside the goal" in lines[2]
     assert "not comparable" in lines[3]
     assert verdict(rows[1:]) == ["no non-private FedBN row: nothing to compare against"]
+
+
+def test_verdict_also_reads_the_mean_of_the_last_rounds_against_the_best_non_private_row():
+    """One lucky final round must not read as meeting the goal: the last three global models say where a run is."""
+    curve = lambda *late: {str(i): v for i, v in enumerate([0.1, 0.5, 0.6, *late])}  # noqa: E731
+    rows = [
+        row("fedbn", 0.43) | {"per_round_dice": curve(0.45, 0.53, 0.43)},
+        row("fedbn_1pass", 0.70) | {"per_round_dice": curve(0.72, 0.74, 0.70)},
+        row("dpsgd", 0.68, 8.0, PATIENT) | {"per_round_dice": curve(0.67, 0.63, 0.68)},
+        row("dpsgd_short", 0.69, 8.0, PATIENT) | {"per_round_dice": {"0": 0.1, "1": 0.69}},
+    ]
+    lines = verdict(rows)
+    assert lines[1].startswith("dpsgd: Dice -0.0200 vs the best non-private row (fedbn_1pass")
+    assert lines[2] == (
+        "dpsgd: mean of the last 3 global models 0.6600, -0.0600 vs the best non-private row's (fedbn_1pass, "
+        "0.7200): outside the goal's 0.02"
+    )
+    # A row without three recorded rounds gets no such line (and so does a report without per-round figures).
+    assert not any(line.startswith("dpsgd_short: mean of the last") for line in lines)
+    assert late_mean(rows[3]) is None and late_mean(row("x", 0.5)) is None
+    assert late_mean(rows[0]) == pytest.approx((0.45 + 0.53 + 0.43) / 3)
 
 
 def test_markdown_shows_sigma_per_site_per_round_dice_and_every_command():
