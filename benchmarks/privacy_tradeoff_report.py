@@ -34,6 +34,7 @@ def verdict(rows: list[dict[str, Any]], goal_epsilon: float = 8.0, goal_loss: fl
         return ["no non-private FedBN row: nothing to compare against"]
     trained = [r for r in rows if r["epsilon"] is None and r.get("job") != "-" and math.isfinite(r["mean_dice"])]
     best = max(trained, key=lambda r: r["mean_dice"], default=None)
+    late_best = max(((m, r["name"]) for r in trained if (m := late_mean(r)) is not None), default=None)
     lines = []
     for row in rows:
         if row["epsilon"] is None:
@@ -54,17 +55,17 @@ def verdict(rows: list[dict[str, Any]], goal_epsilon: float = 8.0, goal_loss: fl
                     f"{row['name']}: Dice {-gap:+.4f} vs the best non-private row ({best['name']}, "
                     f"{best['mean_dice']:.4f}): {'within' if gap <= goal_loss else 'outside'} the goal's 0.02 of it"
                 )
-            lines.extend(_late_line(row, trained, goal_loss))
+            lines.extend(_late_line(row, late_best, goal_loss))
     return lines
 
 
-def _late_line(row: dict[str, Any], non_private: list[dict[str, Any]], goal_loss: float) -> list[str]:
-    """The verdict on the mean of the last rounds, against the non-private row with the highest such mean."""
+def _late_line(row: dict[str, Any], late_best: tuple[float, str] | None, goal_loss: float) -> list[str]:
+    """The verdict on the mean of the last rounds, against ``late_best``: the highest such mean of a non-private row
+    and that row's name (``None`` when no non-private row recorded enough rounds)."""
     ours = late_mean(row)
-    theirs = [(late_mean(r), r["name"]) for r in non_private if late_mean(r) is not None]
-    if ours is None or not theirs:
+    if ours is None or late_best is None:
         return []
-    best, name = max(theirs)
+    best, name = late_best
     gap = best - ours
     return [
         f"{row['name']}: mean of the last {LATE_ROUNDS} global models {ours:.4f}, {-gap:+.4f} vs the best non-private "
