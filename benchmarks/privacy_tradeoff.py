@@ -47,7 +47,6 @@ import math
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -80,7 +79,7 @@ from fedseg3d.privacy.site_budget import PRIVACY_DIR_ENV, write_site_budget  # n
 from fedseg3d.tools.build_jobs import build_jobs, parse_override  # noqa: E402
 from fedseg3d.tools.privacy_audit import find_epsilons, run_audit  # noqa: E402
 from fedseg3d.tools.report import FINAL_GLOBAL, find_cross_site_results, site_rows  # noqa: E402
-from fedseg3d.tools.simulate import simulator_command  # noqa: E402
+from fedseg3d.tools.simulate import run_process_group, simulator_command  # noqa: E402
 
 DELTA = 1e-5
 UNREACHABLE_BUDGET = 1e6  # the benchmark measures epsilon; it must not stop a run
@@ -203,14 +202,10 @@ def run_config(config: Config, budget: Budget, sites_root: Path, workspace: Path
     load_before = os.getloadavg()
     started = time.perf_counter()
     with log.open("w") as stream:
-        code = subprocess.run(
-            simulator_command(job_dir.resolve(), run_dir.resolve(), SITES, len(SITES)),
-            env=env,
-            stdout=stream,
-            stderr=subprocess.STDOUT,
-            timeout=timeout,
-            check=False,
-        ).returncode
+        # Its own process group, killed with every worker on a timeout or a SIGTERM to this script.
+        code = run_process_group(
+            simulator_command(job_dir.resolve(), run_dir.resolve(), SITES, len(SITES)), env, timeout, stdout=stream
+        )
     sim_seconds = time.perf_counter() - started
     if code != 0:
         raise RuntimeError(f"{config.name}: simulator exited with {code}; see {log}")

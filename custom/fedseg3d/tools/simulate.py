@@ -23,6 +23,9 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import IO
+
+import psutil
 
 from fedseg3d.data.site_config import SITES_ROOT_ENV
 from fedseg3d.privacy.site_budget import PRIVACY_DIR_ENV, write_site_budget
@@ -55,31 +58,52 @@ def run_simulation(
     return run_process_group(command, env, timeout)
 
 
-def run_process_group(command: list[str], env: dict[str, str], timeout: float | None) -> int:
-    """Run ``command`` in its own process group and wait; on a timeout or any interruption kill the whole group.
+def run_process_group(command: list[str], env: dict[str, str], timeout: float | None, stdout: IO | None = None) -> int:
+    """Run ``command`` in its own process group and wait; on a timeout or any interruption kill it and every
+    process it started.
 
-    Why: the FLARE simulator forks helper processes with the same command line. ``subprocess.run``'s timeout kills
-    only the direct child, which left those helpers running (and using the CPU) after a benchmark's timeout. The
-    group has its own session, so a signal to the caller does not reach it: in the main thread, SIGTERM (``kill``,
-    a CI runner stopping a job) is turned into ``SystemExit`` for the duration, so that it too kills the group.
+    Why: the FLARE simulator forks helper processes with the same command line, and starts each site's
+    ``simulator_worker`` in a process group of its own. ``subprocess.run``'s timeout kills only the direct child,
+    which left those helpers running (and using the CPU) after a benchmark's timeout; killing the group alone
+    leaves the workers. So the descendants are listed (``psutil``) before anything is killed, then the group and
+    each of them get SIGKILL. The group has its own session, so a signal to the caller does not reach it: in the
+    main thread, SIGTERM (``kill``, a CI runner stopping a job) is turned into ``SystemExit`` for the duration, so
+    that it too kills them.
+
+    Args:
+        stdout: where the command's stdout and stderr go (a file opened for writing); ``None``: the caller's.
 
     Raises:
-        subprocess.TimeoutExpired: ``timeout`` passed; every process of the group has been killed.
-        SystemExit: the caller received SIGTERM (exit status 143); every process of the group has been killed.
+        subprocess.TimeoutExpired: ``timeout`` passed; every process started has been killed.
+        SystemExit: the caller received SIGTERM (exit status 143); every process started has been killed.
     """
-    process = subprocess.Popen(command, env=env, start_new_session=True)
+    redirect = {"stdout": stdout, "stderr": subprocess.STDOUT} if stdout is not None else {}
+    process = subprocess.Popen(command, env=env, start_new_session=True, **redirect)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main_thread else None
     try:
         return process.wait(timeout=timeout)
     except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+        kill_process_tree(process.pid)
         process.wait()
         raise
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL ``pid``'s process group and every descendant of ``pid``, wherever its group or session is."""
+    try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    for child in descendants:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(descendants, timeout=10)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

@@ -21,12 +21,15 @@ def running(pid: int) -> bool:
         return False
 
 
-def test_timeout_kills_the_forked_children_too(tmp_path):
+@pytest.mark.parametrize("own_session", [False, True], ids=["same-group", "own-session"])
+def test_timeout_kills_the_forked_children_too(tmp_path, own_session):
     pid_file = tmp_path / "child.pid"
-    # The parent forks a child that outlives it unless the whole group is killed (as FLARE's simulator forks).
+    # The parent forks a child that outlives it unless the whole group is killed (as FLARE's simulator forks), or
+    # one in a session of its own that only a walk of the process tree finds (as FLARE's simulator_worker).
     script = (
         "import subprocess, sys, time; "
-        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+        f"start_new_session={own_session}); "
         f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(60)"
     )
     started = time.monotonic()
@@ -44,8 +47,13 @@ def test_timeout_kills_the_forked_children_too(tmp_path):
         pytest.fail(f"forked child {child} survived the timeout")
 
 
-def test_exit_code_is_returned():
+def test_exit_code_is_returned_and_output_goes_to_the_given_file(tmp_path):
     assert run_process_group([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), timeout=30) == 3
+    log = tmp_path / "out.log"
+    with log.open("w") as stream:
+        script = "import sys; print('to stdout'); print('to stderr', file=sys.stderr)"
+        assert run_process_group([sys.executable, "-c", script], dict(os.environ), timeout=30, stdout=stream) == 0
+    assert log.read_text().split() == ["to", "stdout", "to", "stderr"]
 
 
 def test_sigterm_to_the_caller_kills_the_forked_children_too(tmp_path):
@@ -53,7 +61,7 @@ def test_sigterm_to_the_caller_kills_the_forked_children_too(tmp_path):
     pid_file = tmp_path / "child.pid"
     grandchild = (
         "import subprocess, sys, time; "
-        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True); "
         f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(60)"
     )
     caller = (
