@@ -168,8 +168,10 @@ class SegmentationLearner(Learner):
                 self.log_info(fl_ctx, f"round {current_round + 1}/{total_rounds} step {step}: loss {loss:.4f}")
 
         try:
-            result = self.trainer.train_round(weights, current_round, lambda: abort_signal.triggered, progress)
-        except FloatingPointError as err:
+            result = self.trainer.train_round(
+                weights, current_round, lambda: abort_signal.triggered, progress, total_rounds=total_rounds
+            )
+        except (FloatingPointError, ValueError) as err:
             self.log_error(fl_ctx, str(err))
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         if abort_signal.triggered:
@@ -177,7 +179,8 @@ class SegmentationLearner(Learner):
         self.log_info(
             fl_ctx,
             f"round {current_round + 1}/{total_rounds} done: loss {result.train.mean_loss:.4f}, "
-            f"{result.train.steps} steps in {result.train.seconds:.1f} s, "
+            f"{result.train.steps} steps in {result.train.seconds:.1f} s at learning rate "
+            f"{result.metrics['learning_rate']:.3g}, "
             f"local val Dice {result.local_eval.mean_dice:.4f} {result.local_eval.class_dice}",
         )
         meta = {

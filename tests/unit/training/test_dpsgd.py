@@ -12,7 +12,7 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from fedseg3d.data.transforms import PreprocessConfig
-from fedseg3d.models.presets import build_model
+from fedseg3d.models.presets import build_model, count_parameters
 from fedseg3d.privacy.accounting import epsilon_for
 from fedseg3d.training.dpsgd import (
     ClipStatistics,
@@ -142,7 +142,16 @@ def test_target_epsilon_is_validated_and_an_uncalibrated_config_refuses_to_train
 def test_batch_norm_preset_is_refused_and_instance_norm_accepted():
     with pytest.raises(ValueError, match="unet3d_tiny.*cannot be trained with DP-SGD.*instancenorm"):
         check_model_supports_dpsgd(build_model("unet3d_tiny"), "unet3d_tiny")
-    check_model_supports_dpsgd(build_model("unet3d_tiny_instancenorm"), "unet3d_tiny_instancenorm")
+    for preset in ("unet3d_tiny_instancenorm", "unet3d_shallow_instancenorm"):
+        check_model_supports_dpsgd(build_model(preset), preset)
+
+
+def test_shallow_preset_has_about_a_quarter_of_the_parameters():
+    # Its reason to exist: DP noise on a step grows as sqrt(parameters), so a quarter of them halves it.
+    ratio = count_parameters(build_model("unet3d_shallow_instancenorm")) / count_parameters(
+        build_model("unet3d_tiny_instancenorm")
+    )
+    assert 0.2 < ratio < 0.3
 
 
 def run(config: DPSGDConfig, n_patients: int = 4, seed: int = 0):
