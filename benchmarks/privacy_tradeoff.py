@@ -328,7 +328,11 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
 
 
 def check_mergeable(
-    earlier: dict[str, Any], budget: Budget, cases: dict, public_settings: dict[str, Any] | None = None
+    earlier: dict[str, Any],
+    budget: Budget,
+    cases: dict,
+    public_settings: dict[str, Any] | None = None,
+    source: str = "--merge: the earlier report",
 ) -> None:
     """Refuse to merge with a report whose rows would not compare; called before any run, so that a wrong
     ``--merge`` costs seconds, not the hour of simulator runs after which ``merge_rows`` would refuse it.
@@ -338,13 +342,13 @@ def check_mergeable(
     """
     if earlier.get("budget") != asdict(budget) or earlier.get("cases") != cases:
         raise ValueError(
-            f"--merge: the earlier report's budget {earlier.get('budget')} / cases {earlier.get('cases')} differ "
+            f"{source}'s budget {earlier.get('budget')} / cases {earlier.get('cases')} differ "
             f"from this run's {asdict(budget)} / {cases}; its rows would not compare"
         )
     earlier_public = (earlier.get("pretraining") or {}).get("settings")
     if earlier_public != public_settings:
         raise ValueError(
-            f"--merge: the earlier report's public pretraining {earlier_public} differs from this run's "
+            f"{source}'s public pretraining {earlier_public} differs from this run's "
             f"{public_settings}; its rows would not compare"
         )
 
@@ -365,6 +369,14 @@ def merge_rows(
     new = {r["name"]: r for r in rows}
     merged = [new.pop(r["name"], {"command": earlier["command"], **r}) for r in earlier["rows"]]
     return merged + list(new.values())
+
+
+def fold_rows(folded: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``folded`` rows (from ``--rows-from`` reports, later ones winning on a shared name), then this run's rows,
+    which win over any folded row of their name."""
+    by_name = {r["name"]: r for r in folded}
+    by_name.update({r["name"]: r for r in rows})
+    return list(by_name.values())
 
 
 def public_settings_from_args(args: argparse.Namespace, budget: Budget) -> PublicSettings:
@@ -416,6 +428,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--title", default="Privacy/utility benchmark", help="the report's heading")
     parser.add_argument("--merge", action="store_true", help="keep the earlier report's rows this run does not redo")
     parser.add_argument(
+        "--rows-from",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="REPORT.json",
+        help="fold in the rows of another report of the same budget and sites (e.g. one run in parallel in another "
+        "workspace), each with its own command; with --only '' nothing is run (repeatable)",
+    )
+    parser.add_argument(
         "--reread",
         action="store_true",
         help="with --merge: re-read the selected rows' finished runs kept under the workspace with this code "
@@ -441,8 +462,8 @@ def main(argv: list[str] | None = None) -> None:
     configs = configurations(args.quick, targets, extra)
     if len({c.name for c in configs}) != len(configs):
         parser.error(f"two rows share a name: {[c.name for c in configs]}")
-    if args.only:
-        wanted = args.only.split(",")
+    if args.only is not None:
+        wanted = [name for name in args.only.split(",") if name]
         unknown = sorted(set(wanted) - {c.name for c in configs})
         if unknown:
             parser.error(f"--only: unknown configuration(s) {unknown}; known: {[c.name for c in configs]}")
@@ -463,11 +484,16 @@ def main(argv: list[str] | None = None) -> None:
         datalist = json.loads((sites_root / site / "datalist.json").read_text())
         cases[site] = f"{len(datalist['training'])}/{len(datalist['validation'])}"
     print(f"sites (training/validation cases): {cases}; budget {asdict(budget)}", flush=True)
-    if earlier is not None:
-        try:
+    folded = []
+    try:
+        if earlier is not None:
             check_mergeable(earlier, budget, cases, asdict(public) if public else None)
-        except ValueError as err:
-            parser.error(str(err))
+        for path in args.rows_from:
+            other = json.loads(path.read_text())
+            check_mergeable(other, budget, cases, asdict(public) if public else None, f"--rows-from {path}")
+            folded += [{"command": other["command"], **row} for row in other["rows"]]
+    except (OSError, ValueError) as err:
+        parser.error(str(err))
     command = shlex.join(["python", "benchmarks/privacy_tradeoff.py", *argv])
     rows, checkpoints = [], {}
     if public is not None:
@@ -497,6 +523,8 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
         rows.append(row)
+    if folded:
+        rows = fold_rows(folded, rows)
     if earlier is not None:
         rows = merge_rows(earlier, rows, budget, cases, asdict(public) if public else None)
     result = {

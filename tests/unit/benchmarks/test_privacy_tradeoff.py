@@ -277,3 +277,26 @@ def test_merge_with_a_report_of_another_budget_is_refused_before_any_run(tmp_pat
     with pytest.raises(SystemExit):
         main(argv)
     assert "would not compare" in capsys.readouterr().err
+
+
+def test_rows_from_reports_run_elsewhere_are_folded_in_without_running_anything(tmp_path, capsys):
+    """Rows run in parallel in other workspaces become one report; later files win, another budget is refused."""
+    cases = {"site-1": "26/8", "site-2": "16/8"}  # what the default budget's sites hold
+    first = {"command": "run a", "budget": asdict(FULL), "cases": cases, "rows": [row("fedbn", 0.8), row("x", 0.5)]}
+    second = {**first, "command": "run b", "rows": [row("x", 0.6) | {"command": "the parallel run"}, row("y", 0.7)]}
+    (tmp_path / "a.json").write_text(json.dumps(first))
+    (tmp_path / "b.json").write_text(json.dumps(second))
+    out = tmp_path / "out"
+    args = ["--only", "", "--workspace", str(tmp_path / "ws"), "--out-dir", str(out), "--report-name", "r"]
+    main([*args, "--rows-from", str(tmp_path / "a.json"), "--rows-from", str(tmp_path / "b.json")])
+    result = json.loads((out / "r.json").read_text())
+    assert [(r["name"], r["mean_dice"], r["command"]) for r in result["rows"]] == [
+        ("fedbn", 0.8, "run a"),
+        ("x", 0.6, "the parallel run"),
+        ("y", 0.7, "run b"),
+    ]
+    assert "the parallel run" in (out / "r.md").read_text()
+    (tmp_path / "b.json").write_text(json.dumps({**second, "budget": {**second["budget"], "rounds": 99}}))
+    with pytest.raises(SystemExit):
+        main([*args, "--rows-from", str(tmp_path / "b.json")])
+    assert f"--rows-from {tmp_path / 'b.json'}'s budget" in capsys.readouterr().err
