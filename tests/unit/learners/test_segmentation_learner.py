@@ -121,3 +121,24 @@ def test_bad_job_config_fails_at_construction():
         SegmentationLearner(**{**args, "preprocessing": {"roi": [1, 2, 3]}})
     with pytest.raises(ValueError, match="class_names must map 0..N-1"):
         SegmentationLearner(**{**args, "class_names": {"1": "organ"}})
+
+
+def test_cosine_schedule_reads_the_round_from_the_task_and_refuses_a_task_without_the_round_count(
+    tiny_sites, tmp_path, caplog
+):
+    args = learner_args()
+    args["training"] = {**args["training"], "learning_rate": 0.01, "lr_schedule": "cosine"}
+    learner = SegmentationLearner(**args)
+    datalist = load_datalist(tiny_sites / "site-1" / "datalist.json", tiny_sites / "site-1", learner.class_names)
+    learner.site_name = "site-1"
+    learner.trainer = SiteTrainer(
+        "site-1", datalist, learner.class_names, learner.preprocessing, learner.training, tmp_path / "models"
+    )
+    shareable = task()
+    shareable.set_header(AppConstants.CURRENT_ROUND, 1)  # round 1 of 2: half the rate
+    reply = learner.train(shareable, FLContext(), Signal())
+    assert from_shareable(reply).get_meta_prop("site_metrics")["learning_rate"] == pytest.approx(0.005)
+    shareable = task()
+    shareable.set_header(AppConstants.NUM_ROUNDS, None)
+    assert learner.train(shareable, FLContext(), Signal()).get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+    assert "lr_schedule 'cosine' needs the job's number of rounds" in caplog.text
