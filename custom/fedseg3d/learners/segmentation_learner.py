@@ -155,6 +155,12 @@ class SegmentationLearner(Learner):
             fl_ctx, f"round {current_round + 1}/{total_rounds}: training on {self.trainer.num_train_cases} cases"
         )
 
+        try:
+            self.training.learning_rate_for(current_round, total_rounds)  # refuse before any privacy work or training
+        except ValueError as err:
+            self.log_error(fl_ctx, str(err))
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+
         budget = None
         if self.dp_sgd is not None:
             try:
@@ -171,7 +177,7 @@ class SegmentationLearner(Learner):
             result = self.trainer.train_round(
                 weights, current_round, lambda: abort_signal.triggered, progress, total_rounds=total_rounds
             )
-        except (FloatingPointError, ValueError) as err:
+        except FloatingPointError as err:
             self.log_error(fl_ctx, str(err))
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         if abort_signal.triggered:

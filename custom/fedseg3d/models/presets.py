@@ -46,32 +46,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_res_units": 1,
         "norm": ("instance", {"affine": True}),
     },
-    # unet3d_tiny without its deepest level (about 36 k parameters): the batch-norm twin of
-    # unet3d_shallow_instancenorm, so that a non-private FedBN reference can use the same smaller network.
-    "unet3d_shallow": {
-        "spatial_dims": 3,
-        "in_channels": 1,
-        "out_channels": 3,
-        "channels": (8, 16, 32),
-        "strides": (2, 2),
-        "num_res_units": 1,
-        "norm": "batch",
-    },
-    # unet3d_tiny_instancenorm without its deepest level: about 36 k parameters instead of 152 k, full-resolution
-    # width unchanged. For DP-SGD: the noise added to each step's averaged gradient has an L2 norm that grows as the
-    # square root of the parameter count while the clipped signal does not, so a quarter of the parameters halves
-    # the noise for the same epsilon. It trades receptive field (two downsamplings, an 8^3 bottleneck at 32^3
-    # patches) for that.
-    "unet3d_shallow_instancenorm": {
-        "spatial_dims": 3,
-        "in_channels": 1,
-        "out_channels": 3,
-        "channels": (8, 16, 32),
-        "strides": (2, 2),
-        "num_res_units": 1,
-        "norm": ("instance", {"affine": True}),
-    },
 }
+# One level shallower than the tiny presets: about 36 k parameters instead of 152 k, full-resolution width unchanged.
+# For DP-SGD: the noise added to each step's averaged gradient has an L2 norm that grows as the square root of the
+# parameter count while the clipped signal does not, so a quarter of the parameters halves the noise for the same
+# epsilon. It trades receptive field (two downsamplings, an 8^3 bottleneck at 32^3 patches) for that. The batch-norm
+# twin lets a non-private FedBN reference use the same smaller network.
+WITHOUT_DEEPEST_LEVEL = {"channels": (8, 16, 32), "strides": (2, 2)}
+PRESETS["unet3d_shallow"] = {**PRESETS["unet3d_tiny"], **WITHOUT_DEEPEST_LEVEL}
+PRESETS["unet3d_shallow_instancenorm"] = {**PRESETS["unet3d_tiny_instancenorm"], **WITHOUT_DEEPEST_LEVEL}
 
 
 def preset_args(preset: str, **overrides: Any) -> dict[str, Any]:
