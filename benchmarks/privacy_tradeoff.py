@@ -536,7 +536,7 @@ def main(argv: list[str] | None = None) -> None:
         "cases": cases,
         **({"pretraining": describe(public, checkpoints, (earlier or {}).get("pretraining"))} if public else {}),
         "rows": rows,
-        "verdict": verdict(rows),
+        "verdict": verdict(rows, default_seed=budget.seed),
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     out_dir.mkdir(parents=True, exist_ok=True)

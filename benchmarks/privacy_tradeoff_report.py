@@ -7,7 +7,10 @@ work on the result dictionary that ``privacy_tradeoff`` writes as JSON.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
+
+from benchmarks.privacy_seed_groups import group_table, group_verdict
 
 LATE_ROUNDS = 3  # the global models averaged by late_mean
 
@@ -25,10 +28,19 @@ def late_mean(row: dict[str, Any], rounds: int = LATE_ROUNDS) -> float | None:
     return sum(late) / len(late) if all(math.isfinite(v) for v in late) else None
 
 
-def verdict(rows: list[dict[str, Any]], goal_epsilon: float = 8.0, goal_loss: float = 0.02) -> list[str]:
+def seed_figures() -> dict[str, Callable[[dict[str, Any]], float | None]]:
+    """The figures that repeated seeds are averaged on: the final model's Dice and ``late_mean``."""
+    return {"final Dice": lambda r: r["mean_dice"], f"last {LATE_ROUNDS} mean": late_mean}
+
+
+def verdict(
+    rows: list[dict[str, Any]], goal_epsilon: float = 8.0, goal_loss: float = 0.02, default_seed: int = 0
+) -> list[str]:
     """Read the results against the goal (patient-level epsilon <= 8 loses at most 0.02 Dice vs FedBN), and, when a
     non-private row other than ``fedbn`` scored higher (``public_only`` rows aside), against that row too; then the
-    same on the mean of the last rounds' global models (``late_mean``), where the rows recorded them."""
+    same on the mean of the last rounds' global models (``late_mean``), where the rows recorded them; last, where
+    configurations were repeated with other seeds (``default_seed``: a row's without its own), their means against
+    each other (``privacy_seed_groups``)."""
     reference = next((r for r in rows if r["name"] == "fedbn"), None)
     if reference is None:
         return ["no non-private FedBN row: nothing to compare against"]
@@ -56,7 +68,7 @@ def verdict(rows: list[dict[str, Any]], goal_epsilon: float = 8.0, goal_loss: fl
                     f"{best['mean_dice']:.4f}): {'within' if gap <= goal_loss else 'outside'} the goal's 0.02 of it"
                 )
             lines.extend(_late_line(row, late_best, goal_loss))
-    return lines
+    return lines + group_verdict(rows, default_seed, seed_figures(), goal_epsilon, goal_loss)
 
 
 def _late_line(row: dict[str, Any], late_best: tuple[float, str] | None, goal_loss: float) -> list[str]:
@@ -205,6 +217,15 @@ def markdown(result: dict[str, Any]) -> str:
             values = {int(k): v for k, v in r["per_round_dice"].items()}
             cells = [f"{values[k]:.3f}" if k in values else "" for k in rounds]
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    repeated = group_table(result["rows"], b["seed"], seed_figures())
+    if repeated:
+        lines += [
+            "",
+            "Configurations run with more than one seed (the rows above that differ only in `seed`; a row without "
+            f"one ran with seed {b['seed']}):",
+            "",
+            *repeated,
+        ]
     lines += ["", "Against the goal (patient-level epsilon <= 8 at delta 1e-5 loses at most 0.02 Dice vs FedBN):", ""]
     lines += [f"- {line}" for line in result["verdict"]]
     return "\n".join(lines) + "\n"
