@@ -25,6 +25,7 @@ CONFIDENCE = 0.95  # one-sided: the loss is bounded above (confirmed) or below (
 class SeedGroup:
     """Rows of one job with the same knobs but ``seed``; ``values`` holds one figure per row (seed order)."""
 
+    key: str  # the job and its knobs other than seed: what makes two rows repeats of each other
     name: str
     job: str
     seeds: tuple[int, ...]
@@ -69,30 +70,30 @@ def seed_groups(
 ) -> list[SeedGroup]:
     """Group rows by job and knobs other than ``seed`` (a row without one ran with ``default_seed``); keep groups
     with at least two seeds whose ``figure`` is finite. A seed run twice counts once (its first row)."""
-    by_key: dict[str, list[tuple[int, float, dict[str, Any]]]] = {}
+    by_key: dict[str, dict[int, tuple[float, dict[str, Any]]]] = {}
     for row in rows:
         value = figure(row)
         if row.get("job") in (None, "-") or value is None or not math.isfinite(value):
             continue
-        knobs = {k: v for k, v in row.get("overrides", {}).items() if k != "seed"}
-        key = repr((row["job"], sorted(knobs.items())))
-        seed = int(row.get("overrides", {}).get("seed", default_seed))
-        if all(seed != s for s, _, _ in by_key.setdefault(key, [])):
-            by_key[key].append((seed, value, row))
+        overrides = row.get("overrides", {})
+        key = repr((row["job"], sorted((k, v) for k, v in overrides.items() if k != "seed")))
+        by_key.setdefault(key, {}).setdefault(int(overrides.get("seed", default_seed)), (value, row))
     groups = []
-    for members in by_key.values():
-        if len(members) < 2:
+    for key, by_seed in by_key.items():
+        if len(by_seed) < 2:
             continue
-        members.sort(key=lambda m: m[0])
-        epsilons = [m[2]["epsilon"] for m in members]
+        seeds = sorted(by_seed)
+        first = by_seed[seeds[0]][1]
+        epsilons = [by_seed[s][1]["epsilon"] for s in seeds]
         groups.append(
             SeedGroup(
-                name=_base_name(members[0][2]["name"]),
-                job=members[0][2]["job"],
-                seeds=tuple(m[0] for m in members),
-                values=tuple(m[1] for m in members),
+                key=key,
+                name=_base_name(first["name"]),
+                job=first["job"],
+                seeds=tuple(seeds),
+                values=tuple(by_seed[s][0] for s in seeds),
                 epsilon=None if any(e is None for e in epsilons) else max(epsilons),
-                unit=members[0][2].get("unit"),
+                unit=first.get("unit"),
             )
         )
     return groups
@@ -148,16 +149,16 @@ def _seeds(group: SeedGroup) -> str:
 
 def group_table(rows: Sequence[dict[str, Any]], default_seed: int, figures: dict[str, Callable]) -> list[str]:
     """Markdown lines: one per repeated configuration, mean and standard deviation over its seeds of each figure."""
-    columns = {label: {g.name: g for g in seed_groups(rows, default_seed, f)} for label, f in figures.items()}
-    names = list(dict.fromkeys(name for groups in columns.values() for name in groups))
-    if not names:
+    columns = {label: {g.key: g for g in seed_groups(rows, default_seed, f)} for label, f in figures.items()}
+    keys = list(dict.fromkeys(key for groups in columns.values() for key in groups))
+    if not keys:
         return []
     lines = [
         "| configuration | seeds | " + " | ".join(f"{label} (mean ± sd)" for label in figures) + " |",
         "| --- | --- | " + " | ".join("---:" for _ in figures) + " |",
     ]
-    for name in names:
-        cells = [f"{g.mean:.4f} ± {g.sd:.4f}" if (g := columns[label].get(name)) else "-" for label in figures]
-        seeds = next(_seeds(columns[label][name]) for label in figures if name in columns[label])
-        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
+    for key in keys:
+        cells = [f"{g.mean:.4f} ± {g.sd:.4f}" if (g := columns[label].get(key)) else "-" for label in figures]
+        any_figure = next(columns[label][key] for label in figures if key in columns[label])
+        lines.append(f"| {any_figure.name} | {_seeds(any_figure)} | " + " | ".join(cells) + " |")
     return lines

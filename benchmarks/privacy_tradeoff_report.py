@@ -28,9 +28,11 @@ def late_mean(row: dict[str, Any], rounds: int = LATE_ROUNDS) -> float | None:
     return sum(late) / len(late) if all(math.isfinite(v) for v in late) else None
 
 
-def seed_figures() -> dict[str, Callable[[dict[str, Any]], float | None]]:
-    """The figures that repeated seeds are averaged on: the final model's Dice and ``late_mean``."""
-    return {"final Dice": lambda r: r["mean_dice"], f"last {LATE_ROUNDS} mean": late_mean}
+# The figures that repeated seeds are averaged on: the final model's Dice and ``late_mean``.
+SEED_FIGURES: dict[str, Callable[[dict[str, Any]], float | None]] = {
+    "final Dice": lambda r: r["mean_dice"],
+    f"last {LATE_ROUNDS} mean": late_mean,
+}
 
 
 def verdict(
@@ -68,7 +70,7 @@ def verdict(
                     f"{best['mean_dice']:.4f}): {'within' if gap <= goal_loss else 'outside'} the goal's 0.02 of it"
                 )
             lines.extend(_late_line(row, late_best, goal_loss))
-    return lines + group_verdict(rows, default_seed, seed_figures(), goal_epsilon, goal_loss)
+    return lines + group_verdict(rows, default_seed, SEED_FIGURES, goal_epsilon, goal_loss)
 
 
 def _late_line(row: dict[str, Any], late_best: tuple[float, str] | None, goal_loss: float) -> list[str]:
@@ -217,7 +219,7 @@ def markdown(result: dict[str, Any]) -> str:
             values = {int(k): v for k, v in r["per_round_dice"].items()}
             cells = [f"{values[k]:.3f}" if k in values else "" for k in rounds]
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
-    repeated = group_table(result["rows"], b["seed"], seed_figures())
+    repeated = group_table(result["rows"], b["seed"], SEED_FIGURES)
     if repeated:
         lines += [
             "",

@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from benchmarks.privacy_seed_groups import compare, group_table, group_verdict, seed_groups
-from benchmarks.privacy_tradeoff_report import seed_figures, verdict
+from benchmarks.privacy_tradeoff_report import SEED_FIGURES, verdict
 
 DICE = {"final Dice": lambda r: r["mean_dice"]}
 
@@ -83,7 +83,7 @@ def test_table_lists_each_repeated_configuration_once_with_mean_and_sd_of_each_f
     curve = {str(i): v for i, v in enumerate([0.1, 0.5, 0.6, 0.7])}
     rows = [row(f"dp_seed{s}", "dpsgd", d, s, 8.0) | {"per_round_dice": curve} for s, d in enumerate([0.6, 0.8])]
     rows.append(row("single", "fedbn", 0.9))
-    lines = group_table(rows, 0, seed_figures())
+    lines = group_table(rows, 0, SEED_FIGURES)
     assert lines[0] == "| configuration | seeds | final Dice (mean ± sd) | last 3 mean (mean ± sd) |"
     assert lines[2:] == ["| dp | 0,1 | 0.7000 ± 0.1414 | 0.6000 ± 0.0000 |"]
-    assert group_table(rows[-1:], 0, seed_figures()) == []
+    assert group_table(rows[-1:], 0, SEED_FIGURES) == []
