@@ -107,11 +107,10 @@ def compare(private: SeedGroup, reference: SeedGroup, confidence: float = CONFID
     if se == 0.0:  # every seed gave the same figure in both groups: the difference is exact
         return GroupComparison(private, reference, loss, 0.0, loss, loss)
 
-    def bound(alternative: str) -> Any:
-        test = stats.ttest_ind(reference.values, private.values, equal_var=False, alternative=alternative)
-        return test.confidence_interval(confidence)
-
-    return GroupComparison(private, reference, loss, se, float(bound("less").high), float(bound("greater").low))
+    # The two one-sided bounds at `confidence` are the ends of one two-sided interval at 2 * confidence - 1.
+    test = stats.ttest_ind(reference.values, private.values, equal_var=False)
+    interval = test.confidence_interval(2 * confidence - 1)
+    return GroupComparison(private, reference, loss, se, float(interval.high), float(interval.low))
 
 
 def group_verdict(
