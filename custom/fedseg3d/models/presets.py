@@ -55,6 +55,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 WITHOUT_DEEPEST_LEVEL = {"channels": (8, 16, 32), "strides": (2, 2)}
 PRESETS["unet3d_shallow"] = {**PRESETS["unet3d_tiny"], **WITHOUT_DEEPEST_LEVEL}
 PRESETS["unet3d_shallow_instancenorm"] = {**PRESETS["unet3d_tiny_instancenorm"], **WITHOUT_DEEPEST_LEVEL}
+# Half the width of the shallow preset at every level: about 10 k parameters, so by the same square-root rule a
+# little over half the noise norm again. For DP-SGD only (instance norm); it trades capacity (4 feature maps at full
+# resolution) for signal-to-noise, and whether that pays is measured, not assumed (docs/privacy.md).
+PRESETS["unet3d_shallow_narrow_instancenorm"] = {**PRESETS["unet3d_shallow_instancenorm"], "channels": (4, 8, 16)}
 
 
 def preset_args(preset: str, **overrides: Any) -> dict[str, Any]:

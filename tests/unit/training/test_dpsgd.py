@@ -142,7 +142,7 @@ def test_target_epsilon_is_validated_and_an_uncalibrated_config_refuses_to_train
 def test_batch_norm_preset_is_refused_and_instance_norm_accepted():
     with pytest.raises(ValueError, match="unet3d_tiny.*cannot be trained with DP-SGD.*instancenorm"):
         check_model_supports_dpsgd(build_model("unet3d_tiny"), "unet3d_tiny")
-    for preset in ("unet3d_tiny_instancenorm", "unet3d_shallow_instancenorm"):
+    for preset in ("unet3d_tiny_instancenorm", "unet3d_shallow_instancenorm", "unet3d_shallow_narrow_instancenorm"):
         check_model_supports_dpsgd(build_model(preset), preset)
 
 
@@ -152,6 +152,14 @@ def test_shallow_preset_has_about_a_quarter_of_the_parameters():
         build_model("unet3d_tiny_instancenorm")
     )
     assert 0.2 < ratio < 0.3
+
+
+def test_narrow_preset_has_about_a_quarter_of_the_shallow_parameters():
+    # Halving every width divides most conv weights by four; the narrow preset is there to test that lever.
+    ratio = count_parameters(build_model("unet3d_shallow_narrow_instancenorm")) / count_parameters(
+        build_model("unet3d_shallow_instancenorm")
+    )
+    assert 0.2 < ratio < 0.35
 
 
 def run(config: DPSGDConfig, n_patients: int = 4, seed: int = 0):
