@@ -1,8 +1,8 @@
 """Privacy/utility trade-off: Dice, epsilon and membership-attack AUC of the private and non-private jobs.
 
 Every configuration runs for real in the FLARE simulator on the same synthetic sites, with the same seed and the
-same training budget (rounds, and patches per round: ``local_steps`` batches of 2 patches in FedBN, ``local_steps``
-DP-SGD steps of 2 expected patients in DP-SGD). For each it reports:
+same training budget (rounds, and patches per round: ``local_steps`` batches of 2 cases (2 patches each) in
+FedBN, ``local_steps`` DP-SGD steps of 2 expected patients in DP-SGD). For each it reports:
 
 * Dice: the mean over sites of the final global model's validation Dice, from the job's cross-site evaluation as
   ``fedseg3d.tools.report`` computes it (in FedBN each site scores it with its own batch norm);

@@ -94,15 +94,15 @@ def _work_sentence(b: dict[str, Any]) -> str:
     batch = b.get("patients_per_step", 2)
     if b["local_steps"]:
         return (
-            f"{b['local_steps']} local steps per round (FedBN/FedAvg: batches of 2 patches; DP-SGD: steps of "
-            f"{batch} expected patients)"
+            f"{b['local_steps']} local steps per round (FedBN/FedAvg: batches of 2 cases, 2 patches each; DP-SGD: "
+            f"steps of {batch} expected patients)"
         )
     epochs = b.get("local_epochs", 1)
     return (
         f"{epochs} local epoch(s) per round (FedBN/FedAvg: {epochs} pass(es) over the site's training cases, 2 "
-        f"random patches per case, batches of 2 patches; DP-SGD: {epochs} expected pass(es) over the patients, one "
-        f"random patch per sampled patient unless a row sets `patches_per_patient`, {batch} expected patients per "
-        "step)"
+        f"random patches per case, batches of 2 cases (4 patches); DP-SGD: {epochs} expected pass(es) over the "
+        f"patients, one random patch per sampled patient unless a row sets `patches_per_patient`, {batch} expected "
+        "patients per step)"
     )
 
 
