@@ -6,11 +6,17 @@ work on the result dictionary that ``privacy_tradeoff`` writes as JSON.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from benchmarks.privacy_seed_groups import group_table, group_verdict
+from fedseg3d.tools.job_config import learner_args
+
+# The non-private rows' batches are whatever this job's config says; the report reads them there, not from a copy.
+FEDBN_JOB = Path(__file__).resolve().parents[1] / "jobs" / "unet3d_fedbn"
 
 LATE_ROUNDS = 3  # the global models averaged by late_mean
 
@@ -89,20 +95,28 @@ def _late_line(row: dict[str, Any], late_best: tuple[float, str] | None, goal_lo
     ]
 
 
+@functools.cache
+def fedbn_batch() -> tuple[int, int]:
+    """(cases per batch, patches per case) of the FedBN job (the FedAvg job uses the same), from its config."""
+    args = learner_args(FEDBN_JOB)
+    return int(args["training"]["batch_size"]), int(args["preprocessing"]["samples_per_volume"])
+
+
 def _work_sentence(b: dict[str, Any]) -> str:
     """What one round of local work is, for the report (older reports have no epochs or batch fields)."""
     batch = b.get("patients_per_step", 2)
+    cases, patches = fedbn_batch()
     if b["local_steps"]:
         return (
-            f"{b['local_steps']} local steps per round (FedBN/FedAvg: batches of 2 cases, 2 patches each; DP-SGD: "
-            f"steps of {batch} expected patients)"
+            f"{b['local_steps']} local steps per round (FedBN/FedAvg: batches of {cases} cases, {patches} patches "
+            f"each; DP-SGD: steps of {batch} expected patients)"
         )
     epochs = b.get("local_epochs", 1)
     return (
-        f"{epochs} local epoch(s) per round (FedBN/FedAvg: {epochs} pass(es) over the site's training cases, 2 "
-        f"random patches per case, batches of 2 cases (4 patches); DP-SGD: {epochs} expected pass(es) over the "
-        f"patients, one random patch per sampled patient unless a row sets `patches_per_patient`, {batch} expected "
-        "patients per step)"
+        f"{epochs} local epoch(s) per round (FedBN/FedAvg: {epochs} pass(es) over the site's training cases, "
+        f"{patches} random patches per case, batches of {cases} cases ({cases * patches} patches); DP-SGD: {epochs} "
+        "expected pass(es) over the patients, one random patch per sampled patient unless a row sets "
+        f"`patches_per_patient`, {batch} expected patients per step)"
     )
 
 
