@@ -201,10 +201,34 @@ def parse_run(job: str, server_run: Path, site_runs: dict[str, Path]) -> Federat
             if "epsilon" in key and isinstance(value, int | float):
                 result.epsilon[site] = max(result.epsilon.get(site, 0.0), float(value))
     # DP jobs: each site's cumulative epsilon as it declared it with its last update (the job's privacy records).
-    result.epsilon.update({site: entry["epsilon"] for site, entry in find_epsilons(server_run).items()})
+    declared = find_epsilons(server_run)
+    check_privacy_records(contributions, declared, contributions_path)
+    result.epsilon.update({site: entry["epsilon"] for site, entry in declared.items()})
     result.per_round[last_round + 1] = {site: scores[GLOBAL] for site, scores in result.matrix.items()}
     result.bytes_per_round = _bytes_per_round(server_run, site_runs, result.rounds)
     return result
+
+
+def check_privacy_records(contributions: list[dict], declared: dict[str, dict], path: Path) -> None:
+    """In a DP run (some site declared an epsilon), every site whose updates were accepted must have declared its
+    epsilon with its last one.
+
+    A site missing from the privacy records would be missing from the report's epsilon column, and a reader could
+    take its silence for "spent nothing".
+
+    Raises:
+        ValueError: names each site whose last accepted round has no privacy record, and the file it was read from.
+    """
+    if not declared:
+        return
+    last_round: dict[str, int] = {}
+    for entry in contributions:
+        if entry.get("return_code") == "OK":
+            last_round[entry["site"]] = max(last_round.get(entry["site"], -1), int(entry["round"]))
+    missing = {site: r for site, r in last_round.items() if declared.get(site, {}).get("round") != r}
+    if missing:
+        listed = ", ".join(f"{site} (last accepted round {r})" for site, r in sorted(missing.items()))
+        raise ValueError(f"{path}: a DP run, but no privacy record for the last update of {listed}")
 
 
 def _bytes_per_round(server_run: Path, site_runs: dict[str, Path], rounds: list[dict]) -> dict[str, dict[int, int]]:

@@ -58,7 +58,7 @@ def test_quick_benchmark_reports_every_method_and_the_costs(tmp_path: Path, caps
     assert "no GPU" in report and "SCAFFOLD" in report
     # One DP job and one quantised job ride along in quick mode: epsilon per site, and fewer bytes than FedBN's.
     dp = [m for m, raw in results["methods"].items() if raw.get("epsilon")]
-    assert len(dp) == 1 and set(results["methods"][dp[0]]["epsilon"]) == set(sites), dp
+    assert len(dp) == 1 and set(results["methods"][dp[0]]["epsilon"]) == set(sites), _dp_diagnosis(tmp_path, results)
     assert all(eps > 0 for eps in results["methods"][dp[0]]["epsilon"].values())
     (quantised,) = set(results["methods"]) - METHODS - set(dp)
     for direction in ("site_to_server", "server_to_site"):
@@ -67,3 +67,22 @@ def test_quick_benchmark_reports_every_method_and_the_costs(tmp_path: Path, caps
         assert smaller["1"] * 2 < fp32["1"], (quantised, direction, smaller, fp32)
     assert (out / "dice_vs_epsilon.png").stat().st_size > 10_000
     assert "| mean" in printed and "federation overhead" in printed
+
+
+def _dp_diagnosis(tmp_path: Path, results: dict) -> str:
+    """What a failed DP check needs to be explained: the methods that failed, the server's records of the DP run and
+    the sites' privacy lines in its log (the run's folder is gone by the time CI reports)."""
+    lines = [f"not run: {results.get('not_run')}"]
+    sim = tmp_path / "work" / "sim"
+    dp_jobs = sorted({p.relative_to(sim).parts[0] for p in sim.rglob("privacy.jsonl")} | {"unet3d_dpsgd"})
+    for job in dp_jobs:
+        for name in ("contributions.jsonl", "privacy.jsonl"):
+            for path in (sim / job).rglob(name):
+                records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                kept = [{k: r.get(k) for k in ("round", "site", "return_code", "epsilon", "privacy")} for r in records]
+                lines.append(f"{path}: {kept}")
+    for log in (sim / f"{job}.log" for job in dp_jobs if (sim / f"{job}.log").is_file()):
+        wanted = ("charged at", "WARNING", "ERROR", "Aggregated", "refuse")
+        lines += [f"{log.name}: {line}" for line in log.read_text().splitlines()
+                  if any(w in line for w in wanted) and "nvImageCodec" not in line]  # fmt: skip
+    return "\n".join(lines)[-6000:]

@@ -14,6 +14,7 @@ from monai.transforms import (
     Compose,
     EnsureTyped,
     Orientationd,
+    RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandScaleIntensityd,
@@ -26,6 +27,7 @@ from monai.transforms import (
 
 KEYS = ("image", "label")
 INTENSITY_MODES = ("ct_window", "mr_percentile")
+CROP_SAMPLINGS = ("pos_neg", "by_class")
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,13 @@ class PreprocessConfig:
         ct_window: (low, high) in HU for ``ct_window``.
         mr_percentiles: (low, high) percentiles for ``mr_percentile``.
         samples_per_volume: random patches drawn from each training volume per epoch.
-        pos_neg_ratio: (pos, neg) weights for foreground- vs background-centred patches.
+        crop_sampling: how training patch centres are drawn. ``pos_neg`` (MONAI ``RandCropByPosNegLabeld``): on any
+            foreground voxel or on background, weighted by ``pos_neg_ratio``; a small class (a lesion inside an
+            organ) gets centres only in proportion to its volume. ``by_class`` (``RandCropByLabelClassesd``): pick a
+            class by ``class_crop_ratios`` first, then a voxel of it, so a small class is seen as often as asked.
+        pos_neg_ratio: (pos, neg) weights for foreground- vs background-centred patches (``pos_neg`` only).
+        class_crop_ratios: one weight per class, background first (``by_class`` only); a class missing from a case
+            is skipped for that case (MONAI warns).
     """
 
     target_spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)
@@ -50,8 +58,19 @@ class PreprocessConfig:
     mr_percentiles: tuple[float, float] = (1.0, 99.0)
     samples_per_volume: int = 2
     pos_neg_ratio: tuple[float, float] = (2.0, 1.0)
+    crop_sampling: str = "pos_neg"
+    class_crop_ratios: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.crop_sampling not in CROP_SAMPLINGS:
+            raise ValueError(f"preprocessing.crop_sampling must be one of {CROP_SAMPLINGS}, got '{self.crop_sampling}'")
+        if self.crop_sampling == "by_class" and (
+            len(self.class_crop_ratios) < 2 or min(self.class_crop_ratios) < 0 or sum(self.class_crop_ratios) <= 0
+        ):
+            raise ValueError(
+                f"preprocessing.class_crop_ratios must be one non-negative weight per class (at least 2, not all 0) "
+                f"when crop_sampling is 'by_class', got {list(self.class_crop_ratios)}"
+            )
         if self.intensity_mode not in INTENSITY_MODES:
             raise ValueError(f"preprocessing.intensity_mode must be one of {INTENSITY_MODES}, got '{self.intensity_mode}'")
         if len(self.target_spacing) != 3 or min(self.target_spacing) <= 0:
@@ -75,7 +94,7 @@ class PreprocessConfig:
         unknown = set(raw) - known
         if unknown:
             raise ValueError(f"preprocessing has unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
-        for key in ("target_spacing", "ct_window", "mr_percentiles", "pos_neg_ratio"):
+        for key in ("target_spacing", "ct_window", "mr_percentiles", "pos_neg_ratio", "class_crop_ratios"):
             if key in raw:
                 raw[key] = tuple(float(v) for v in raw[key])
         if "roi_size" in raw:
@@ -109,20 +128,29 @@ def resample_and_normalise_transform(cfg: PreprocessConfig) -> Compose:
     )
 
 
+def patch_sampler(cfg: PreprocessConfig) -> RandCropByPosNegLabeld | RandCropByLabelClassesd:
+    """The random crop that picks ``samples_per_volume`` patch centres per volume (see ``crop_sampling``)."""
+    if cfg.crop_sampling == "by_class":
+        return RandCropByLabelClassesd(
+            keys=KEYS,
+            label_key="label",
+            spatial_size=cfg.roi_size,
+            ratios=list(cfg.class_crop_ratios),
+            num_classes=len(cfg.class_crop_ratios),
+            num_samples=cfg.samples_per_volume,
+        )
+    pos, neg = cfg.pos_neg_ratio
+    return RandCropByPosNegLabeld(
+        keys=KEYS, label_key="label", spatial_size=cfg.roi_size, pos=pos, neg=neg, num_samples=cfg.samples_per_volume
+    )
+
+
 def train_augment_transform(cfg: PreprocessConfig) -> Compose:
     """Random part, run every epoch: pad to the ROI, draw label-balanced patches, flip, jitter intensity."""
-    pos, neg = cfg.pos_neg_ratio
     return Compose(
         [
             SpatialPadd(keys=KEYS, spatial_size=cfg.roi_size),
-            RandCropByPosNegLabeld(
-                keys=KEYS,
-                label_key="label",
-                spatial_size=cfg.roi_size,
-                pos=pos,
-                neg=neg,
-                num_samples=cfg.samples_per_volume,
-            ),
+            patch_sampler(cfg),
             RandFlipd(keys=KEYS, prob=0.5, spatial_axis=0),
             RandFlipd(keys=KEYS, prob=0.5, spatial_axis=1),
             RandFlipd(keys=KEYS, prob=0.5, spatial_axis=2),

@@ -80,6 +80,9 @@ class ContributionRecorder(Widget):
         peer_ctx = fl_ctx.get_peer_context()
         shareable = peer_ctx.get_prop(FLContextKey.SHAREABLE) if peer_ctx else None
         if shareable is None or self._out_dir is None:
+            # Never silent: a contribution missing from the record is what a privacy officer would be misled by.
+            missing = "the run folder (no START_RUN seen)" if self._out_dir is None else "the site's result"
+            self.log_warning(fl_ctx, f"{type(self).__name__}: a contribution is not recorded: {missing} not found")
             return
         entry = {
             "round": fl_ctx.get_prop(AppConstants.CURRENT_ROUND),

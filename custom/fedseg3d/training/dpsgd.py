@@ -199,7 +199,7 @@ class PatientPatches(Dataset):
 
     def __getitem__(self, index):
         sample = super().__getitem__(index)
-        # RandCropByPosNegLabeld returns a list of num_samples crops; stack them under one patient.
+        # The random crop (see patch_sampler) returns a list of num_samples crops; stack them under one patient.
         # Only the tensors: Opacus builds empty batches by structure and cannot handle the string case id.
         crops = sample if isinstance(sample, list) else [sample]
         return {key: torch.stack([torch.as_tensor(crop[key]) for crop in crops]) for key in ("image", "label")}

@@ -124,7 +124,8 @@ class SiteTrainer:
             ``PTFedProxLoss`` has this signature); required when ``training.fedprox_mu > 0``.
 
     Raises:
-        ValueError: ``fedprox_mu > 0`` without a ``proximal_loss``, or together with ``dp_sgd``.
+        ValueError: ``fedprox_mu > 0`` without a ``proximal_loss``, or together with ``dp_sgd``; ``class_crop_ratios``
+            without one weight per class.
     """
 
     def __init__(
@@ -148,6 +149,11 @@ class SiteTrainer:
         self.proximal_loss = proximal_loss if training.fedprox_mu > 0 else None
         self.site_name = site_name
         self.class_names = dict(sorted(class_names.items()))
+        if preprocessing.crop_sampling == "by_class" and len(preprocessing.class_crop_ratios) != len(self.class_names):
+            raise ValueError(
+                f"preprocessing.class_crop_ratios has {len(preprocessing.class_crop_ratios)} weight(s) but the job "
+                f"has {len(self.class_names)} classes {list(self.class_names.values())}: give one per class"
+            )
         self.preprocessing = preprocessing
         self.training = training
         self.output_dir = Path(output_dir)

@@ -97,6 +97,30 @@ def test_parse_run_names_the_missing_file(tmp_path):
         parse_run("unet3d_fedbn", tmp_path, {})
 
 
+def test_a_dp_run_with_a_contribution_lacking_its_privacy_record_is_refused(tmp_path):
+    server, sites = _write_run(tmp_path)
+    path = server / "fedseg3d" / "contributions.jsonl"
+    entries = [json.loads(line) for line in path.read_text().splitlines()]
+    privacy = {"epsilon": 1.5, "delta": 1e-5, "unit": "patient", "scope": "job"}
+    records = []
+    for entry in entries:
+        if entry["return_code"] == "OK" and entry["site"] == "site-2":
+            entry["privacy"] = privacy
+            records.append({"round": entry["round"], "site": "site-2", **privacy})
+    path.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    (server / "fedseg3d" / "privacy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(ValueError, match=r"contributions.jsonl: a DP run.*site-1 \(last accepted round 1\)$"):
+        parse_run("unet3d_dpsgd", server, sites)
+    # Once site-1 declares its epsilon too, the run parses and both sites have one.
+    for entry in entries:
+        if entry["return_code"] == "OK" and entry["site"] == "site-1":
+            entry["privacy"] = privacy
+            records.append({"round": entry["round"], "site": "site-1", **privacy})
+    path.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    (server / "fedseg3d" / "privacy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert parse_run("unet3d_dpsgd", server, sites).epsilon == {"site-1": 1.5, "site-2": 1.5}
+
+
 def test_summaries_and_goals():
     sites = ["site-1", "site-2"]
     local = method_summary("local_only", {"matrix": {"site-1": {"site-1": 0.8, "site-2": 0.2},
