@@ -341,6 +341,7 @@ def train_dpsgd(
     seed: int,
     should_stop: Callable[[], bool] = lambda: False,
     progress: Callable[[int, float], None] | None = None,
+    loss_fn: torch.nn.Module | None = None,
 ) -> tuple[TrainStats, Mechanism, RDPAccountant]:
     """Run ``config.steps_for(len(items))`` DP-SGD steps on ``model`` in place.
 
@@ -367,7 +368,7 @@ def train_dpsgd(
     )
     accountant = RDPAccountant()
     dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
-    loss_fn = make_loss()
+    loss_fn = (loss_fn or make_loss()).to(device)  # must be a mean of per-patient terms (see PerCaseLoss)
     grad_module.train()
     started = time.perf_counter()
     steps, patches, loss_sum, loss_steps = 0, 0, 0.0, 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,9 +42,33 @@ class EvalResult:
         return metrics
 
 
-def make_loss() -> DiceCELoss:
-    """Dice + cross-entropy: Dice handles the class imbalance of small lesions, CE keeps early gradients sane."""
-    return DiceCELoss(to_onehot_y=True, softmax=True)
+class PerCaseLoss(torch.nn.Module):
+    """The mean over the batch of ``loss`` computed on each case alone.
+
+    Why: a class-weighted cross-entropy divides by the summed weights of every voxel in the batch, so one case's
+    loss depends on the other cases' labels. DP-SGD's accounting assumes the batch loss is a mean of per-patient
+    terms (each patient's clipped gradient is its whole influence); computing the loss case by case restores that.
+    """
+
+    def __init__(self, loss: torch.nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        per_case = [self.loss(prediction[i : i + 1], target[i : i + 1]) for i in range(prediction.shape[0])]
+        return torch.stack(per_case).mean()
+
+
+def make_loss(class_weights: Sequence[float] = ()) -> torch.nn.Module:
+    """Dice + cross-entropy: Dice handles the class imbalance of small lesions, CE keeps early gradients sane.
+
+    ``class_weights`` (one per class, background first) scale each class's Dice and cross-entropy terms (MONAI's
+    ``DiceCELoss(weight=...)``), computed per case (``PerCaseLoss``); none, or all 1, is the unweighted loss.
+    """
+    if not class_weights or all(w == 1 for w in class_weights):
+        return DiceCELoss(to_onehot_y=True, softmax=True)
+    weight = torch.tensor([float(w) for w in class_weights])
+    return PerCaseLoss(DiceCELoss(to_onehot_y=True, softmax=True, weight=weight))
 
 
 def train_local(
@@ -69,7 +93,7 @@ def train_local(
     Raises:
         FloatingPointError: the loss became NaN or infinite (a diverged site must not send garbage).
     """
-    loss_fn = loss_fn or make_loss()
+    loss_fn = (loss_fn or make_loss()).to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     model.train()
     started = time.perf_counter()

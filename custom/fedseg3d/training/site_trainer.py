@@ -26,7 +26,7 @@ from fedseg3d.models.presets import build_model, count_parameters
 from fedseg3d.privacy.accounting import Mechanism
 from fedseg3d.training.device import resolve_device, use_mixed_precision
 from fedseg3d.training.dpsgd import DPSGDConfig, check_model_supports_dpsgd, train_dpsgd
-from fedseg3d.training.loops import EvalResult, TrainStats, evaluate, train_local
+from fedseg3d.training.loops import EvalResult, TrainStats, evaluate, make_loss, train_local
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,9 @@ class TrainingConfig:
         fedprox_mu: FedProx (Li et al., MLSys 2020) proximal weight: ``mu/2 * ||w - w_global||^2`` is added to
             the local loss; 0 disables it. The term itself is given to ``SiteTrainer`` (the FLARE learner passes
             FLARE's ``PTFedProxLoss``), which keeps this package free of nvflare.
+        class_loss_weights: one weight per class (background first) for the Dice and cross-entropy terms of the
+            loss (``fedseg3d.training.loops.make_loss``); empty or all 1 is the unweighted loss. A class the
+            network learns late (the lesion) can be weighted up. Same for DP-SGD, whose loss stays per patient.
     """
 
     model_preset: str = "unet3d_tiny"
@@ -68,8 +71,15 @@ class TrainingConfig:
     seed: int = 0
     fedprox_mu: float = 0.0
     lr_schedule: str = "constant"
+    class_loss_weights: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        weights = tuple(self.class_loss_weights or ())
+        if not all(isinstance(w, int | float) and not isinstance(w, bool) and w >= 0 for w in weights) or (
+            weights and sum(weights) <= 0
+        ):
+            raise ValueError(f"class_loss_weights must be numbers >= 0, not all 0, got {list(weights)}")
+        object.__setattr__(self, "class_loss_weights", tuple(float(w) for w in weights))
         if self.local_epochs < 1 and self.local_steps < 1:
             raise ValueError("local_epochs or local_steps must be at least 1")
         if self.batch_size < 1:
@@ -153,6 +163,11 @@ class SiteTrainer:
             raise ValueError(
                 f"preprocessing.class_crop_ratios has {len(preprocessing.class_crop_ratios)} weight(s) but the job "
                 f"has {len(self.class_names)} classes {list(self.class_names.values())}: give one per class"
+            )
+        if training.class_loss_weights and len(training.class_loss_weights) != len(self.class_names):
+            raise ValueError(
+                f"training.class_loss_weights has {len(training.class_loss_weights)} weight(s) but the job has "
+                f"{len(self.class_names)} classes {list(self.class_names.values())}: give one per class"
             )
         self.preprocessing = preprocessing
         self.training = training
@@ -248,6 +263,7 @@ class SiteTrainer:
                 seed=self.training.seed + current_round,
                 should_stop=should_stop,
                 progress=progress,
+                loss_fn=make_loss(self.training.class_loss_weights),
             )
         else:
             stats = self._train_plain(optimizer, current_round, should_stop, progress)
@@ -309,6 +325,7 @@ class SiteTrainer:
             max_steps=self.training.local_steps,
             amp=self.amp,
             should_stop=should_stop,
+            loss_fn=make_loss(self.training.class_loss_weights),
             progress=progress,
             regulariser=regulariser,
         )

@@ -1,6 +1,5 @@
 """The learner's round trip with real FLARE Shareables and a bare FLContext (no federation needed)."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +14,14 @@ from fedseg3d.data.datalist import load_datalist
 from fedseg3d.learners.segmentation_learner import SegmentationLearner
 from fedseg3d.models.local_state import batchnorm_state_keys, shared_state_numpy, split_local_state
 from fedseg3d.models.presets import build_model
+from fedseg3d.tools.job_config import learner_args as job_learner_args
 from fedseg3d.training.site_trainer import SiteTrainer
 
 CLIENT_CONFIG = "jobs/unet3d_fedbn/app/config/config_fed_client.json"
 
 
 def learner_args():
-    config = json.loads(Path(CLIENT_CONFIG).read_text())
-    args = next(c for c in config["components"] if c["id"] == "learner")["args"]
+    args = job_learner_args(Path(CLIENT_CONFIG).parents[2])  # the job's variables resolved, as FLARE does
     training = {"model_preset": "unet3d_tiny", "keep_batchnorm_local": True, "local_steps": 2, "batch_size": 2}
     preprocessing = dict(args["preprocessing"], roi_size=[16, 16, 16])
     return {
