@@ -72,7 +72,7 @@ def test_quick_benchmark_reports_every_method_and_the_costs(tmp_path: Path, caps
 def _dp_diagnosis(tmp_path: Path, results: dict) -> str:
     """What a failed DP check needs to be explained: the methods that failed, the server's records of the DP run and
     the sites' privacy lines in its log (the run's folder is gone by the time CI reports)."""
-    lines = [f"not run: {results.get('not_run')}"]
+    lines = []
     sim = tmp_path / "work" / "sim"
     dp_jobs = sorted({p.relative_to(sim).parts[0] for p in sim.rglob("privacy.jsonl")} | {"unet3d_dpsgd"})
     for job in dp_jobs:
@@ -85,4 +85,5 @@ def _dp_diagnosis(tmp_path: Path, results: dict) -> str:
         wanted = ("charged at", "WARNING", "ERROR", "Aggregated", "refuse")
         lines += [f"{log.name}: {line}" for line in log.read_text().splitlines()
                   if any(w in line for w in wanted) and "nvImageCodec" not in line]  # fmt: skip
+    lines.append(f"not run: {results.get('not_run')}")  # last: the tail is what survives the cut
     return "\n".join(lines)[-6000:]

@@ -10,9 +10,10 @@ attacker's true-positive rate at ``exp(epsilon) * FPR + delta`` for every thresh
 measured AUC well above 0.5 at a small epsilon would point to a bug in the DP pipeline, while an AUC near 0.5 at a
 large epsilon shows only that *this* attack fails, not that the model is private.
 
-Per-case loss is the training loss (``fedseg3d.training.loops.make_loss``: Dice + cross-entropy) on the whole
-volume, with the same sliding-window inference the validation uses, so the attack sees exactly what the model
-was optimised for. AUC comes from ``monai.metrics.compute_roc_auc`` (Mann-Whitney with ties counted as half).
+Per-case loss is the unweighted training loss (``fedseg3d.training.loops.make_loss()``: Dice + cross-entropy) on
+the whole volume, with the same sliding-window inference the validation uses, so the attack sees what the model
+was optimised for (a job's ``class_loss_weights`` are not applied: the attack's statistic stays the same across
+jobs). AUC comes from ``monai.metrics.compute_roc_auc`` (Mann-Whitney with ties counted as half).
 
 Plain torch/MONAI: the FLARE-specific part (where a job stores its models) lives in ``fedseg3d.tools.privacy_audit``.
 """
