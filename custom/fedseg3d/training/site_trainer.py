@@ -159,16 +159,19 @@ class SiteTrainer:
         self.proximal_loss = proximal_loss if training.fedprox_mu > 0 else None
         self.site_name = site_name
         self.class_names = dict(sorted(class_names.items()))
-        if preprocessing.crop_sampling == "by_class" and len(preprocessing.class_crop_ratios) != len(self.class_names):
-            raise ValueError(
-                f"preprocessing.class_crop_ratios has {len(preprocessing.class_crop_ratios)} weight(s) but the job "
-                f"has {len(self.class_names)} classes {list(self.class_names.values())}: give one per class"
-            )
-        if training.class_loss_weights and len(training.class_loss_weights) != len(self.class_names):
-            raise ValueError(
-                f"training.class_loss_weights has {len(training.class_loss_weights)} weight(s) but the job has "
-                f"{len(self.class_names)} classes {list(self.class_names.values())}: give one per class"
-            )
+        per_class = {
+            "preprocessing.class_crop_ratios": preprocessing.class_crop_ratios
+            if preprocessing.crop_sampling == "by_class"
+            else (),
+            "training.class_loss_weights": training.class_loss_weights,
+        }
+        for field_name, weights in per_class.items():
+            if weights and len(weights) != len(self.class_names):
+                raise ValueError(
+                    f"{field_name} has {len(weights)} weight(s) but the job has {len(self.class_names)} classes "
+                    f"{list(self.class_names.values())}: give one per class"
+                )
+        self.loss_fn = make_loss(training.class_loss_weights)  # the same for every round: built once
         self.preprocessing = preprocessing
         self.training = training
         self.output_dir = Path(output_dir)
@@ -263,7 +266,7 @@ class SiteTrainer:
                 seed=self.training.seed + current_round,
                 should_stop=should_stop,
                 progress=progress,
-                loss_fn=make_loss(self.training.class_loss_weights),
+                loss_fn=self.loss_fn,
             )
         else:
             stats = self._train_plain(optimizer, current_round, should_stop, progress)
@@ -325,7 +328,7 @@ class SiteTrainer:
             max_steps=self.training.local_steps,
             amp=self.amp,
             should_stop=should_stop,
-            loss_fn=make_loss(self.training.class_loss_weights),
+            loss_fn=self.loss_fn,
             progress=progress,
             regulariser=regulariser,
         )

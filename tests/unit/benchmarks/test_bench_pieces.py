@@ -103,21 +103,20 @@ def test_a_dp_run_with_a_contribution_lacking_its_privacy_record_is_refused(tmp_
     entries = [json.loads(line) for line in path.read_text().splitlines()]
     privacy = {"epsilon": 1.5, "delta": 1e-5, "unit": "patient", "scope": "job"}
     records = []
-    for entry in entries:
-        if entry["return_code"] == "OK" and entry["site"] == "site-2":
-            entry["privacy"] = privacy
-            records.append({"round": entry["round"], "site": "site-2", **privacy})
-    path.write_text("".join(json.dumps(e) + "\n" for e in entries))
-    (server / "fedseg3d" / "privacy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def declare(site: str) -> None:
+        """``site``'s accepted updates carry a privacy record, as a DP site's do."""
+        for entry in entries:
+            if entry["return_code"] == "OK" and entry["site"] == site:
+                entry["privacy"] = privacy
+                records.append({"round": entry["round"], "site": site, **privacy})
+        path.write_text("".join(json.dumps(e) + "\n" for e in entries))
+        (server / "fedseg3d" / "privacy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    declare("site-2")
     with pytest.raises(ValueError, match=r"contributions.jsonl: a DP run.*site-1 \(last accepted round 1\)$"):
         parse_run("unet3d_dpsgd", server, sites)
-    # Once site-1 declares its epsilon too, the run parses and both sites have one.
-    for entry in entries:
-        if entry["return_code"] == "OK" and entry["site"] == "site-1":
-            entry["privacy"] = privacy
-            records.append({"round": entry["round"], "site": "site-1", **privacy})
-    path.write_text("".join(json.dumps(e) + "\n" for e in entries))
-    (server / "fedseg3d" / "privacy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    declare("site-1")  # once site-1 declares its epsilon too, the run parses and both sites have one
     assert parse_run("unet3d_dpsgd", server, sites).epsilon == {"site-1": 1.5, "site-2": 1.5}
 
 
