@@ -121,11 +121,18 @@ def _work_sentence(b: dict[str, Any]) -> str:
 
 
 def sigma_cell(row: dict[str, Any]) -> str:
-    """Noise multiplier per site (``site-1`` first), from the row's ledgers; ``-`` without DP-SGD."""
+    """Noise multiplier per site (``site-1`` first), from the row's ledgers; ``-`` without DP-SGD. A site whose
+    noise changed from round to round (``noise_lr_exponent``) shows its smallest and largest, ``1.41-57.5``."""
     sites = row.get("dp_sgd") or {}
     if not sites:
         return "-"
-    return " / ".join("/".join(f"{v:.3g}" for v in sites[s]["noise_multipliers"]) for s in sorted(sites))
+
+    def one_site(values: list[float]) -> str:
+        if len(values) > 2:
+            return f"{min(values):.3g}-{max(values):.3g}"
+        return "/".join(f"{v:.3g}" for v in values)
+
+    return " / ".join(one_site(sites[s]["noise_multipliers"]) for s in sorted(sites))
 
 
 def _knob(name: str, value: Any) -> str:

@@ -223,7 +223,7 @@ class SegmentationLearner(Learner):
             self._calibrate_noise(budget, current_round, total_rounds, fl_ctx)
         if budget is None:
             return None
-        planned = self.trainer.planned_privacy()
+        planned = self.trainer.planned_privacy(current_round, total_rounds)
         ledger = PrivacyLedger(budget.ledger_file, accountant=budget.accountant)
         history = [e.mechanism for e in ledger.entries() if e.unit == PATIENT]
         cost = cost_of(history, planned, budget.delta, budget.accountant)
@@ -252,23 +252,32 @@ class SegmentationLearner(Learner):
         delta, accountant = (budget.delta, budget.accountant) if budget is not None else (JOB_ONLY_DELTA, "rdp")
         rounds = total_rounds - current_round
         n_patients = self.trainer.num_train_cases
-        calibrated = self.dp_sgd.calibrated(n_patients, rounds, delta, accountant)
+        lr_ratios = self.trainer.learning_rate_ratios(current_round, total_rounds)
+        calibrated = self.dp_sgd.calibrated(n_patients, rounds, delta, accountant, lr_ratios)
         self.trainer.dp_sgd = calibrated
+        per_round = [calibrated.for_learning_rate(r).noise_multiplier for r in lr_ratios]
         self._calibration = {
             "target_epsilon": self.dp_sgd.target_epsilon,
             "noise_multiplier": calibrated.noise_multiplier,
+            "noise_multipliers_by_round": per_round,
             "rounds": rounds,
             "steps": rounds * calibrated.steps_for(n_patients),
             "sample_rate": calibrated.patients_per_step / n_patients,
             "delta": delta,
             "accountant": accountant,
         }
+        schedule = (
+            f" (noise_lr_exponent {calibrated.noise_lr_exponent:g}: {per_round[0]:.4g} in round {current_round + 1} "
+            f"to {per_round[-1]:.4g} in round {total_rounds})"
+            if calibrated.noise_lr_exponent
+            else ""
+        )
         self.log_info(
             fl_ctx,
-            f"DP-SGD noise calibrated at {self.site_name}: noise_multiplier={calibrated.noise_multiplier:.4g} for "
-            f"target epsilon {self.dp_sgd.target_epsilon:g} over {rounds} round(s) ({self._calibration['steps']} "
-            f"steps at sample rate {self._calibration['sample_rate']:.4g}, {n_patients} patients), delta={delta:g}, "
-            f"{accountant} accountant",
+            f"DP-SGD noise calibrated at {self.site_name}: noise_multiplier={calibrated.noise_multiplier:.4g}"
+            f"{schedule} for target epsilon {self.dp_sgd.target_epsilon:g} over {rounds} round(s) "
+            f"({self._calibration['steps']} steps at sample rate {self._calibration['sample_rate']:.4g}, "
+            f"{n_patients} patients), delta={delta:g}, {accountant} accountant",
         )
 
     def _charge_round(

@@ -40,7 +40,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +52,12 @@ from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 
 from fedseg3d.data.transforms import PreprocessConfig, train_augment_transform
-from fedseg3d.privacy.accounting import Mechanism, noise_multiplier_for, patient_dpsgd_mechanism
+from fedseg3d.privacy.accounting import (
+    Mechanism,
+    noise_multiplier_for,
+    noise_multiplier_for_schedule,
+    patient_dpsgd_mechanism,
+)
 from fedseg3d.training.loops import TrainStats, make_loss
 
 logger = logging.getLogger(__name__)
@@ -79,6 +84,13 @@ class DPSGDConfig:
         patches_per_patient: K random patches cropped from each sampled patient per step; their gradients are
             averaged before the patient's gradient is clipped, so epsilon does not change and a step costs K times
             the compute (augmentation multiplicity).
+        noise_lr_exponent: p >= 0. A round whose learning rate is ``lr`` (of the schedule's peak ``lr0``) trains with
+            ``noise_multiplier * (lr0 / lr) ** p``; 0 (default) keeps the noise the same every round. Why: with a
+            decaying rate (``lr_schedule: cosine``) a late round's steps barely move the weights, yet each costs as
+            much privacy as an early one. Raising their noise frees budget for less noise in the early rounds, where
+            the network finds the lesion (see ``docs/privacy.md``). With Adam the noise's own step is roughly the
+            learning rate whatever sigma is, while the signal's falls as 1 / sigma; spending a fixed budget to
+            maximise the summed signal gives sigma proportional to 1 / lr, p = 1. Needs a schedule that decays.
     """
 
     noise_multiplier: float = 1.0
@@ -89,6 +101,7 @@ class DPSGDConfig:
     secure_mode: bool = False
     target_epsilon: float = 0.0
     patches_per_patient: int = 1
+    noise_lr_exponent: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("noise_multiplier", "max_grad_norm"):
@@ -108,6 +121,11 @@ class DPSGDConfig:
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
             raise ValueError(
                 f"dp_sgd.target_epsilon must be a finite number >= 0 (0: use noise_multiplier), got {value!r}"
+            )
+        value = self.noise_lr_exponent
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+            raise ValueError(
+                f"dp_sgd.noise_lr_exponent must be a finite number >= 0 (0: the same noise every round), got {value!r}"
             )
         if not isinstance(self.secure_mode, bool):
             raise ValueError(f"dp_sgd.secure_mode must be true or false, got {self.secure_mode!r}")
@@ -152,28 +170,76 @@ class DPSGDConfig:
                 f"patient(s); lower it in the job"
             )
 
-    def calibrated(self, n_patients: int, rounds: int, delta: float, accountant: str = "rdp") -> DPSGDConfig:
+    def noise_scale(self, lr_ratio: float) -> float:
+        """How many times the base noise multiplier a round gets whose learning rate is ``lr_ratio`` times the
+        schedule's peak: ``lr_ratio ** -noise_lr_exponent`` (1 when the exponent is 0).
+
+        Raises:
+            ValueError: ``lr_ratio`` is not in (0, 1] while the noise follows the learning rate.
+        """
+        if not self.noise_lr_exponent:
+            return 1.0
+        if isinstance(lr_ratio, bool) or not isinstance(lr_ratio, int | float) or not 0 < lr_ratio <= 1:
+            raise ValueError(
+                f"dp_sgd.noise_lr_exponent={self.noise_lr_exponent} needs the round's learning rate as a fraction in "
+                f"(0, 1] of the schedule's peak, got {lr_ratio!r}"
+            )
+        return float(lr_ratio) ** -self.noise_lr_exponent
+
+    def for_learning_rate(self, lr_ratio: float) -> DPSGDConfig:
+        """This configuration for a round at ``lr_ratio`` of the peak learning rate (see ``noise_scale``)."""
+        scale = self.noise_scale(lr_ratio)
+        return self if scale == 1 else dataclasses.replace(self, noise_multiplier=self.noise_multiplier * scale)
+
+    def calibrated(
+        self,
+        n_patients: int,
+        rounds: int,
+        delta: float,
+        accountant: str = "rdp",
+        lr_ratios: Sequence[float] = (),
+    ) -> DPSGDConfig:
         """This configuration with the noise multiplier that makes ``rounds`` rounds at a site of ``n_patients``
         spend at most ``target_epsilon`` (one patient, at ``delta``), and ``target_epsilon`` cleared.
 
         The noise multiplier comes from Opacus's calibration (``fedseg3d.privacy.accounting.noise_multiplier_for``)
         for the rate ``patients_per_step / n_patients`` and ``rounds * steps_for(n_patients)`` steps: the
         mechanism the site ledger will be charged with, so its epsilon after the last round is at most the target
-        (if the site had spent nothing before; the site budget still bounds the total).
+        (if the site had spent nothing before; the site budget still bounds the total). With ``noise_lr_exponent``
+        above 0 the result is the *base* multiplier: round ``r`` then trains with ``for_learning_rate(lr_ratios[r])``,
+        and the calibration composes exactly those rounds
+        (``fedseg3d.privacy.accounting.noise_multiplier_for_schedule``).
+
+        Args:
+            lr_ratios: each remaining round's learning rate over the schedule's peak, one per round; needed (and
+                used) only when ``noise_lr_exponent`` is above 0.
 
         Raises:
-            ValueError: ``target_epsilon`` is 0, ``rounds`` < 1, ``patients_per_step`` exceeds ``n_patients``, or no
-                noise multiplier reaches the target (each message names ``dp_sgd.target_epsilon``).
+            ValueError: ``target_epsilon`` is 0, ``rounds`` < 1, ``patients_per_step`` exceeds ``n_patients``, a
+                ``lr_ratios`` count that is not ``rounds``, or no noise multiplier reaches the target (each message
+                names the ``dp_sgd`` field).
         """
         if not self.target_epsilon:
             raise ValueError("dp_sgd.target_epsilon is 0: there is nothing to calibrate (noise_multiplier is used)")
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
             raise ValueError(f"dp_sgd.target_epsilon: calibration needs a number of rounds >= 1, got {rounds!r}")
         self._check_patients(n_patients)
-        steps = rounds * self.steps_for(n_patients)
         rate = self.patients_per_step / n_patients
         try:
-            sigma = noise_multiplier_for(self.target_epsilon, delta, rate, steps, accountant)
+            if self.noise_lr_exponent:
+                if len(lr_ratios) != rounds:
+                    raise ValueError(
+                        f"dp_sgd.noise_lr_exponent={self.noise_lr_exponent}: calibration needs one learning-rate "
+                        f"ratio per round ({rounds}), got {len(lr_ratios)}"
+                    )
+                scales = [self.noise_scale(r) for r in lr_ratios]
+                sigma = noise_multiplier_for_schedule(
+                    self.target_epsilon, delta, rate, self.steps_for(n_patients), scales, accountant
+                )
+            else:
+                sigma = noise_multiplier_for(
+                    self.target_epsilon, delta, rate, rounds * self.steps_for(n_patients), accountant
+                )
         except ValueError as err:
             raise ValueError(f"dp_sgd.target_epsilon={self.target_epsilon} cannot be calibrated: {err}") from err
         return dataclasses.replace(self, noise_multiplier=sigma, target_epsilon=0.0)

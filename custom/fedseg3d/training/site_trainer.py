@@ -183,6 +183,12 @@ class SiteTrainer:
         self.dp_sgd = dp_sgd
         if dp_sgd is not None:
             check_model_supports_dpsgd(self.model, training.model_preset)
+            if dp_sgd.noise_lr_exponent and training.lr_schedule == "constant":
+                raise ValueError(
+                    f"dp_sgd.noise_lr_exponent is {dp_sgd.noise_lr_exponent} but training.lr_schedule is 'constant': "
+                    f"the noise follows the learning rate, so it would never change; use lr_schedule 'cosine' or set "
+                    f"noise_lr_exponent to 0"
+                )
         preparer = CasePreparer(preprocessing, num_classes=len(self.class_names))
         self.train_cases: PreparedCases = prepare_cases(datalist.training, preparer, skip_bad_cases, "training")
         self.val_cases: PreparedCases = prepare_cases(datalist.validation, preparer, skip_bad_cases, "validation")
@@ -260,7 +266,7 @@ class SiteTrainer:
                 self.model,
                 self.train_cases.items,
                 self.preprocessing,
-                self.dp_sgd,
+                self.dp_sgd.for_learning_rate(learning_rate / self.training.learning_rate),
                 optimizer,
                 self.device,
                 seed=self.training.seed + current_round,
@@ -296,11 +302,20 @@ class SiteTrainer:
             privacy=mechanism,
         )
 
-    def planned_privacy(self) -> Mechanism | None:
-        """What one DP-SGD round will release (None without DP-SGD), to check the budget before training."""
+    def planned_privacy(self, current_round: int = 0, total_rounds: int | None = None) -> Mechanism | None:
+        """What DP-SGD round ``current_round`` (0-based) will release (None without DP-SGD), to check the budget
+        before training; the round matters only when the noise follows the learning rate."""
         if self.dp_sgd is None:
             return None
-        return self.dp_sgd.mechanism(self.num_train_cases, self.dp_sgd.steps_for(self.num_train_cases))
+        lr_ratio = self.training.learning_rate_for(current_round, total_rounds) / self.training.learning_rate
+        config = self.dp_sgd.for_learning_rate(lr_ratio)
+        return config.mechanism(self.num_train_cases, config.steps_for(self.num_train_cases))
+
+    def learning_rate_ratios(self, first_round: int, total_rounds: int | None) -> list[float]:
+        """Each round's learning rate over the peak, from ``first_round`` (0-based) to the last: what a DP-SGD
+        calibration with ``noise_lr_exponent`` needs to know about the rounds to come."""
+        peak = self.training.learning_rate
+        return [self.training.learning_rate_for(r, total_rounds) / peak for r in range(first_round, total_rounds or 0)]
 
     def _train_plain(self, optimizer: torch.optim.Optimizer, current_round: int, should_stop, progress) -> TrainStats:
         regulariser = None

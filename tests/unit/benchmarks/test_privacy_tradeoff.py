@@ -24,7 +24,7 @@ from benchmarks.privacy_tradeoff import (
     read_outcome,
     verdict,
 )
-from benchmarks.privacy_tradeoff_report import late_mean
+from benchmarks.privacy_tradeoff_report import late_mean, sigma_cell
 from fedseg3d.privacy.accounting import PATIENT
 from fedseg3d.privacy.ledger import PrivacyLedger, SpendEntry, load_site_privacy_budget
 from fedseg3d.privacy.site_budget import write_site_budget
@@ -206,6 +206,18 @@ def test_markdown_shows_sigma_per_site_per_round_dice_and_every_command():
     assert "| 1.15 / 1.32 |" in text and "7.995" in text and "| 7.2 / 4.5 |" in text
     assert "| dpsgd_eps8 | 0.060 | 0.200 | 0.600 |" in text and "| organ 0.900, lesion 0.010 |" in text
     assert "16 expected patients per step" in text and "2 synthetic sites" in text
+
+
+def test_sigma_cell_shows_a_per_round_schedule_as_its_range():
+    scheduled = {
+        "dp_sgd": {
+            "site-2": {"noise_multipliers": [1.665, 2.1, 68.04]},
+            "site-1": {"noise_multipliers": [1.408, 57.54, 3.0]},
+        }
+    }
+    assert sigma_cell(scheduled) == "1.41-57.5 / 1.67-68"
+    assert sigma_cell({"dp_sgd": {"site-1": {"noise_multipliers": [1.0, 2.0]}}}) == "1/2"
+    assert sigma_cell({}) == "-"
 
 
 def test_markdown_has_one_table_line_per_row():

@@ -25,11 +25,13 @@ DELTA = 1e-5
 PRESET = "unet3d_tiny_instancenorm"
 
 
-def make_learner(tiny_sites, tmp_path, require_privacy_budget=True, **dp_sgd) -> SegmentationLearner:
+def make_learner(
+    tiny_sites, tmp_path, require_privacy_budget=True, training: dict | None = None, **dp_sgd
+) -> SegmentationLearner:
     learner = SegmentationLearner(
         class_names={"0": "background", "1": "organ", "2": "lesion"},
         preprocessing={"roi_size": [16, 16, 16], "samples_per_volume": 1},
-        training={"model_preset": PRESET, "keep_batchnorm_local": False, "amp": False},
+        training={"model_preset": PRESET, "keep_batchnorm_local": False, "amp": False} | (training or {}),
         tb_writer_id="",
         dp_sgd={"noise_multiplier": 1.0, "max_grad_norm": 1.0, "patients_per_step": 1, "steps_per_round": 2} | dp_sgd,
         require_privacy_budget=require_privacy_budget,
@@ -148,3 +150,32 @@ def test_target_epsilon_without_the_number_of_rounds_refuses_to_train(tiny_sites
         reply = unreachable.train(train_task(0), FLContext(), Signal())
     assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
     assert "dp_sgd.target_epsilon=0.0001 cannot be calibrated" in caplog.text
+
+
+def test_noise_that_follows_the_learning_rate_is_calibrated_for_the_whole_schedule(tiny_sites, tmp_path, monkeypatch):
+    target = 6.0
+    learner = make_learner(
+        tiny_sites, tmp_path, training={"lr_schedule": "cosine"}, target_epsilon=target, steps_per_round=1,
+        noise_lr_exponent=1.0,
+    )  # fmt: skip
+    monkeypatch.setenv(PRIVACY_DIR_ENV, str(tmp_path / "privacy"))
+    write_site_budget(tmp_path / "privacy" / "site-1", epsilon_budget=100.0, delta=DELTA)
+
+    epsilons = []
+    for round_ in range(3):
+        reply = learner.train(train_task(round_, num_rounds=3), FLContext(), Signal())
+        assert reply.get_return_code() == ReturnCode.OK
+        epsilons.append(from_shareable(reply).get_meta_prop("dp_epsilon"))
+    entries = PrivacyLedger(tmp_path / "privacy" / "site-1" / "privacy_ledger.json").entries()
+    sigmas = [entry.noise_multiplier for entry in entries]
+    # Cosine over 3 rounds: the rate is 1, 0.75 and 0.25 of its peak, so the noise is 1, 4/3 and 4 times the base.
+    assert sigmas[1] / sigmas[0] == pytest.approx(4 / 3) and sigmas[2] / sigmas[0] == pytest.approx(4.0)
+    assert sigmas == pytest.approx(learner._calibration["noise_multipliers_by_round"])
+    assert sigmas[0] == learner.trainer.dp_sgd.noise_multiplier, "round 1 trains at the calibrated base"
+    assert epsilons[0] < epsilons[1] < epsilons[2] <= target
+    assert epsilons[2] > target - 0.05, "the whole schedule was calibrated to the target, not a safe guess"
+
+
+def test_noise_that_follows_a_constant_learning_rate_is_refused(tiny_sites, tmp_path):
+    with pytest.raises(ValueError, match="noise_lr_exponent is 1.0 but training.lr_schedule is 'constant'"):
+        make_learner(tiny_sites, tmp_path, noise_lr_exponent=1.0)
