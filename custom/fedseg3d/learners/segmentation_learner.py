@@ -255,7 +255,10 @@ class SegmentationLearner(Learner):
         lr_ratios = self.trainer.learning_rate_ratios(current_round, total_rounds)
         calibrated = self.dp_sgd.calibrated(n_patients, rounds, delta, accountant, lr_ratios)
         self.trainer.dp_sgd = calibrated
-        per_round = [calibrated.for_learning_rate(r).noise_multiplier for r in lr_ratios]
+        # From the method the rounds train with, so the log and the record cannot drift from what really runs.
+        per_round = [
+            self.trainer.dp_sgd_for_round(r, total_rounds).noise_multiplier for r in range(current_round, total_rounds)
+        ]
         self._calibration = {
             "target_epsilon": self.dp_sgd.target_epsilon,
             "noise_multiplier": calibrated.noise_multiplier,

@@ -104,6 +104,10 @@ class TrainingConfig:
         fraction = min(max(current_round, 0), total_rounds) / total_rounds
         return self.learning_rate * (1 + math.cos(math.pi * fraction)) / 2
 
+    def learning_rate_fraction(self, current_round: int, total_rounds: int | None) -> float:
+        """Round ``current_round``'s learning rate over the schedule's peak (``learning_rate``): 1 when constant."""
+        return self.learning_rate_for(current_round, total_rounds) / self.learning_rate
+
 
 @dataclass
 class RoundResult:
@@ -266,7 +270,7 @@ class SiteTrainer:
                 self.model,
                 self.train_cases.items,
                 self.preprocessing,
-                self.dp_sgd.for_learning_rate(learning_rate / self.training.learning_rate),
+                self.dp_sgd_for_round(current_round, total_rounds),
                 optimizer,
                 self.device,
                 seed=self.training.seed + current_round,
@@ -307,15 +311,18 @@ class SiteTrainer:
         before training; the round matters only when the noise follows the learning rate."""
         if self.dp_sgd is None:
             return None
-        lr_ratio = self.training.learning_rate_for(current_round, total_rounds) / self.training.learning_rate
-        config = self.dp_sgd.for_learning_rate(lr_ratio)
+        config = self.dp_sgd_for_round(current_round, total_rounds)
         return config.mechanism(self.num_train_cases, config.steps_for(self.num_train_cases))
+
+    def dp_sgd_for_round(self, current_round: int, total_rounds: int | None) -> DPSGDConfig:
+        """The DP-SGD configuration round ``current_round`` trains with: the noise follows the learning rate when
+        ``noise_lr_exponent`` is set, so training and the budget check before it use this one method."""
+        return self.dp_sgd.for_learning_rate(self.training.learning_rate_fraction(current_round, total_rounds))
 
     def learning_rate_ratios(self, first_round: int, total_rounds: int | None) -> list[float]:
         """Each round's learning rate over the peak, from ``first_round`` (0-based) to the last: what a DP-SGD
         calibration with ``noise_lr_exponent`` needs to know about the rounds to come."""
-        peak = self.training.learning_rate
-        return [self.training.learning_rate_for(r, total_rounds) / peak for r in range(first_round, total_rounds or 0)]
+        return [self.training.learning_rate_fraction(r, total_rounds) for r in range(first_round, total_rounds or 0)]
 
     def _train_plain(self, optimizer: torch.optim.Optimizer, current_round: int, should_stop, progress) -> TrainStats:
         regulariser = None
