@@ -142,7 +142,12 @@ def test_target_epsilon_is_validated_and_an_uncalibrated_config_refuses_to_train
 def test_batch_norm_preset_is_refused_and_instance_norm_accepted():
     with pytest.raises(ValueError, match="unet3d_tiny.*cannot be trained with DP-SGD.*instancenorm"):
         check_model_supports_dpsgd(build_model("unet3d_tiny"), "unet3d_tiny")
-    for preset in ("unet3d_tiny_instancenorm", "unet3d_shallow_instancenorm", "unet3d_shallow_narrow_instancenorm"):
+    for preset in (
+        "unet3d_tiny_instancenorm",
+        "unet3d_shallow_instancenorm",
+        "unet3d_shallow_narrow_instancenorm",
+        "unet3d_shallow_wide_instancenorm",
+    ):
         check_model_supports_dpsgd(build_model(preset), preset)
 
 
@@ -160,6 +165,14 @@ def test_narrow_preset_has_about_a_quarter_of_the_shallow_parameters():
         build_model("unet3d_shallow_instancenorm")
     )
     assert 0.2 < ratio < 0.35
+
+
+def test_wide_preset_has_the_tiny_networks_parameter_count_within_a_tenth():
+    # The wide preset tests width against the noise at about the size of the FedBN reference's network.
+    ratio = count_parameters(build_model("unet3d_shallow_wide_instancenorm")) / count_parameters(
+        build_model("unet3d_tiny")
+    )
+    assert 0.9 < ratio < 1.1
 
 
 def run(config: DPSGDConfig, n_patients: int = 4, seed: int = 0):
