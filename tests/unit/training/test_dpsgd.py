@@ -147,6 +147,7 @@ def test_batch_norm_preset_is_refused_and_instance_norm_accepted():
         "unet3d_shallow_instancenorm",
         "unet3d_shallow_narrow_instancenorm",
         "unet3d_shallow_wide_instancenorm",
+        "unet3d_shallow_wide4_instancenorm",
     ):
         check_model_supports_dpsgd(build_model(preset), preset)
 
