@@ -64,11 +64,11 @@ PRESETS["unet3d_shallow_narrow_instancenorm"] = {**PRESETS["unet3d_shallow_insta
 # Twice the width of the shallow preset at every level: about 138 k parameters, close to the tiny FedBN network's
 # count. For DP-SGD (instance norm): the narrow preset cost five times more Dice with DP than without, so the
 # question was whether width buys noise tolerance. Measured at 16x it does not: 0.696 over six seeds against 0.692
-# for the shallow preset at epsilon 8 (docs/privacy.md, "Twice and four times the width"). On CPU a DP-SGD step costs
-# about the same as the shallow preset's (Opacus's per-sample gradients, not the convolutions, dominate here).
+# for the shallow preset at epsilon 8 (docs/privacy.md, "Twice and four times the width"). Timed alone on CPU, one
+# DP-SGD step costs about the same as the shallow preset's.
 PRESETS["unet3d_shallow_wide_instancenorm"] = {**PRESETS["unet3d_shallow_instancenorm"], "channels": (16, 32, 64)}
 # Four times the shallow preset's width: about 542 k parameters, the next step of the same question (it did not
-# pay either; same section). A DP-SGD step costs about 1.4 times the shallow preset's on CPU.
+# pay either; same section). Its simulator runs took about 1.7 times the twice-width ones on CPU.
 PRESETS["unet3d_shallow_wide4_instancenorm"] = {**PRESETS["unet3d_shallow_instancenorm"], "channels": (32, 64, 128)}
 
 
