@@ -21,7 +21,13 @@ from monai.utils import set_determinism
 from fedseg3d.data.datalist import Datalist
 from fedseg3d.data.dataset import CasePreparer, PreparedCases, make_train_loader, prepare_cases
 from fedseg3d.data.transforms import PreprocessConfig
-from fedseg3d.models.local_state import load_local_state, load_shared_state, shared_state_numpy, split_local_state
+from fedseg3d.models.local_state import (
+    instancenorm_state_keys,
+    load_local_state,
+    load_shared_state,
+    shared_state_numpy,
+    split_local_state,
+)
 from fedseg3d.models.presets import build_model, count_parameters
 from fedseg3d.privacy.accounting import Mechanism
 from fedseg3d.training.device import resolve_device, use_mixed_precision
@@ -40,6 +46,10 @@ class TrainingConfig:
     Attributes:
         model_preset: name of the network in ``fedseg3d.models.presets.PRESETS``.
         keep_batchnorm_local: FedBN: batch-norm layers stay at the site and are never sent or overwritten.
+        keep_instancenorm_local: FedBN's split for networks without batch norm (the DP-SGD presets): the affine
+            weight and bias of every instance-norm layer stay at the site. Why: the synthetic sites differ in
+            contrast and even lesion polarity, and a per-site scale and shift per channel is what FedBN uses to
+            absorb that; without it one shared network has to fit every scanner at once.
         local_epochs: passes over the site's training patches per round (used when ``local_steps`` is 0).
         local_steps: exact optimizer steps per round; makes sites of different sizes do equal work.
         batch_size: patches per optimizer step.
@@ -62,6 +72,7 @@ class TrainingConfig:
 
     model_preset: str = "unet3d_tiny"
     keep_batchnorm_local: bool = True
+    keep_instancenorm_local: bool = False
     local_epochs: int = 1
     local_steps: int = 0
     batch_size: int = 2
@@ -80,6 +91,9 @@ class TrainingConfig:
         ):
             raise ValueError(f"class_loss_weights must be numbers >= 0, not all 0, got {list(weights)}")
         object.__setattr__(self, "class_loss_weights", tuple(float(w) for w in weights))
+        for name in ("keep_batchnorm_local", "keep_instancenorm_local"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.local_epochs < 1 and self.local_steps < 1:
             raise ValueError("local_epochs or local_steps must be at least 1")
         if self.batch_size < 1:
@@ -183,7 +197,16 @@ class SiteTrainer:
         self.amp = use_mixed_precision(self.device, training.amp)
         set_determinism(seed=training.seed)
         self.model = build_model(training.model_preset, out_channels=len(self.class_names)).to(self.device)
-        self.split = split_local_state(self.model, keep_batchnorm_local=training.keep_batchnorm_local)
+        self.split = split_local_state(
+            self.model,
+            keep_batchnorm_local=training.keep_batchnorm_local,
+            keep_instancenorm_local=training.keep_instancenorm_local,
+        )
+        if training.keep_instancenorm_local and not instancenorm_state_keys(self.model):
+            raise ValueError(
+                f"keep_instancenorm_local is true but model preset '{training.model_preset}' has no instance-norm "
+                f"layer with affine parameters: nothing would stay local; use an '_instancenorm' preset or set it false"
+            )
         self.dp_sgd = dp_sgd
         if dp_sgd is not None:
             check_model_supports_dpsgd(self.model, training.model_preset)

@@ -100,6 +100,29 @@ def test_without_a_budget_dpsgd_refuses_unless_the_job_allows_job_only_accountin
     assert dxo.get_meta_prop("dp_epsilon") == pytest.approx(epsilon_for([lenient.trainer.planned_privacy()], DELTA))
 
 
+def test_site_local_instance_norm_is_trained_under_dpsgd_but_never_sent(tiny_sites, tmp_path):
+    training = {"keep_instancenorm_local": True}
+    learner = make_learner(tiny_sites, tmp_path, require_privacy_budget=False, training=training)
+    local = set(learner.trainer.split.local)
+    assert local and all(".adn.N." in k for k in local)
+    before = {k: v.clone() for k, v in learner.trainer.model.state_dict().items() if k in local}
+    reply = learner.train(train_task(0), FLContext(), Signal())
+    assert reply.get_return_code() == ReturnCode.OK
+    sent = set(from_shareable(reply).data)
+    assert sent and not sent & local
+    after = learner.trainer.model.state_dict()
+    assert any(not (before[k] == after[k]).all() for k in local)  # trained at the site (clipped and noised)
+    learner.trainer.evaluate_weights(learner.trainer.shared_weights() | {k: before[k].numpy() * 0 for k in local})
+    assert all((learner.trainer.model.state_dict()[k] == after[k]).all() for k in local)  # a global never overwrites
+
+
+def test_keeping_instance_norm_local_needs_a_network_that_has_it(tiny_sites, tmp_path):
+    with pytest.raises(ValueError, match="keep_instancenorm_local is true but model preset 'unet3d_tiny' has no"):
+        make_learner(tiny_sites, tmp_path, training={"model_preset": "unet3d_tiny", "keep_instancenorm_local": True})
+    with pytest.raises(ValueError, match="keep_instancenorm_local must be true or false, got 'false'"):
+        make_learner(tiny_sites, tmp_path, training={"keep_instancenorm_local": "false"})
+
+
 def test_learner_refuses_a_batch_norm_preset_for_dpsgd(tiny_sites, tmp_path):
     learner = SegmentationLearner(
         class_names={"0": "background", "1": "organ", "2": "lesion"},

@@ -68,7 +68,7 @@ def test_audits_global_and_local_model_of_each_site(tiny_sites, tmp_path):
 
 def test_fedbn_without_the_sites_batch_norm_is_refused(tiny_sites, tmp_path):
     run = fake_run(tmp_path, local_models=False)
-    with pytest.raises(FileNotFoundError, match="site-1: FedBN job but no local model"):
+    with pytest.raises(FileNotFoundError, match="site-1: the job keeps normalisation layers at the site but no local"):
         run_audit(run, tiny_sites, sites=["site-1"], resamples=20)
 
 
