@@ -58,6 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "custom"), str(REPO)]  # run from a checkout without an editable install too
 
 from benchmarks.federated import job_variables, parse_run, seed_initial_model  # noqa: E402
+from benchmarks.machine import describe as describe_machine  # noqa: E402
 from benchmarks.machine import machine_info  # noqa: E402
 from benchmarks.privacy_pretrain import (  # noqa: E402
     CHECKPOINT_KNOB,
@@ -225,6 +226,7 @@ def run_config(config: Config, budget: Budget, sites_root: Path, workspace: Path
         "simulator_seconds": round(sim_seconds, 1),
         "audit_seconds": round(audit_seconds, 1),
         "load_average_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "machine": describe_machine(machine_info()),  # rows folded from elsewhere keep where they ran
     }
 
 

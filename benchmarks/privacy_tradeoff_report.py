@@ -168,6 +168,24 @@ def _pretraining_lines(pretraining: dict[str, Any], private_seed: int) -> list[s
     return lines
 
 
+def _row_machine_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Where each row ran, when the rows did not all run on one recorded machine: timings compare only within one.
+
+    Rows from before the machine was recorded per row carry none; the header's machine is only the last writer's.
+    """
+    by_machine: dict[str, list[str]] = {}
+    for r in rows:
+        by_machine.setdefault(r.get("machine") or "not recorded (run before rows recorded their machine)", []).append(
+            r["name"]
+        )
+    if len(by_machine) < 2:
+        return []
+    return [
+        "The rows ran on more than one machine, so their timings compare only within one:",
+        *(f"- {machine}: {', '.join(names)}" for machine, names in by_machine.items()),
+    ]
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The report: commands, machine, date, budget, the table, the per-round Dice and the verdict."""
     m, b = result["machine"], result["budget"]
@@ -193,6 +211,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         f"Machine: {m['cpu_cores']} CPU cores ({m['cpu']}), GPU: {m['gpu']}; torch {m['torch']}, Python {m['python']}.",
         "The CPU was shared with other work: see the load average (1 min, before and after each run).",
+        *_row_machine_lines(result["rows"]),
         "",
         f"Budget per configuration: {len(result['cases'])} synthetic sites (seed {b['seed']}, `cases_scale` "
         f"{b['cases_scale']}, {b['fov_mm']:g} mm volumes), {b['rounds']} rounds, {_work_sentence(b)}, the same "

@@ -206,6 +206,11 @@ def test_markdown_shows_sigma_per_site_per_round_dice_and_every_command():
     assert "| 1.15 / 1.32 |" in text and "7.995" in text and "| 7.2 / 4.5 |" in text
     assert "| dpsgd_eps8 | 0.060 | 0.200 | 0.600 |" in text and "| organ 0.900, lesion 0.010 |" in text
     assert "16 expected patients per step" in text and "2 synthetic sites" in text
+    assert "more than one machine" not in text  # neither row recorded one: nothing to tell apart
+    rows[1]["machine"] = "2 CPU cores (y)"
+    text = markdown(result | {"rows": rows})
+    assert "- 2 CPU cores (y): dpsgd_eps8" in text
+    assert "- not recorded (run before rows recorded their machine): fedbn" in text
 
 
 def test_sigma_cell_shows_a_per_round_schedule_as_its_range():
