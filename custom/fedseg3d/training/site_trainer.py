@@ -60,6 +60,13 @@ class TrainingConfig:
             tells each site the round and the number of rounds. Under DP-SGD the schedule uses no private data,
             so it costs no privacy; a smaller late step shrinks the noise the last rounds leave in the model.
         weight_decay: Adam weight decay.
+        keep_optimizer_state: keep Adam's moment estimates at the site from one round to the next (default false:
+            a fresh Adam every round). Why: a fresh Adam's first steps are its noisiest. Its bias correction makes
+            the first step ``lr * sign(g)`` on every weight, and its first momentum averages few gradients. When the
+            gradients are mostly noise (DP-SGD), those steps move the weights by several times the steady step in
+            random directions, every round again. Under DP-SGD the moments are computed from the noised gradients
+            only, so keeping them costs no privacy. They stay in the site's memory (never sent, not checkpointed):
+            a site that restarts mid-job starts with a fresh Adam.
         amp: use mixed precision when training on a GPU (ignored on CPU).
         seed: seeds weights-independent randomness (patch sampling, augmentation, shuffling).
         fedprox_mu: FedProx (Li et al., MLSys 2020) proximal weight: ``mu/2 * ||w - w_global||^2`` is added to
@@ -78,6 +85,7 @@ class TrainingConfig:
     batch_size: int = 2
     learning_rate: float = 1e-3
     weight_decay: float = 1e-5
+    keep_optimizer_state: bool = False
     amp: bool = True
     seed: int = 0
     fedprox_mu: float = 0.0
@@ -91,7 +99,7 @@ class TrainingConfig:
         ):
             raise ValueError(f"class_loss_weights must be numbers >= 0, not all 0, got {list(weights)}")
         object.__setattr__(self, "class_loss_weights", tuple(float(w) for w in weights))
-        for name in ("keep_batchnorm_local", "keep_instancenorm_local"):
+        for name in ("keep_batchnorm_local", "keep_instancenorm_local", "keep_optimizer_state"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.local_epochs < 1 and self.local_steps < 1:
@@ -221,6 +229,7 @@ class SiteTrainer:
         self.val_cases: PreparedCases = prepare_cases(datalist.validation, preparer, skip_bad_cases, "validation")
         self.best_local_dice = -math.inf
         self.rounds_done = 0
+        self._kept_optimizer: torch.optim.Optimizer | None = None
         self.local_state_adopted = not self.split.local
         logger.info(
             "%s: %s (%d parameters) on %s, %d training / %d validation cases (%d skipped), %d shared and %d local keys",
@@ -286,7 +295,7 @@ class SiteTrainer:
         if ignored:
             logger.debug("%s: kept %d local key(s) instead of the global values", self.site_name, len(ignored))
         start = shared_state_numpy(self.model, self.split)
-        optimizer = torch.optim.Adam(self.model.parameters(), lr=learning_rate, weight_decay=self.training.weight_decay)
+        optimizer = self._optimizer_for_round(learning_rate)
         mechanism = None
         if self.dp_sgd is not None:
             stats, mechanism, _ = train_dpsgd(
@@ -328,6 +337,17 @@ class SiteTrainer:
             metrics=metrics,
             privacy=mechanism,
         )
+
+    def _optimizer_for_round(self, learning_rate: float) -> torch.optim.Optimizer:
+        """A fresh Adam, or with ``keep_optimizer_state`` the site's Adam of the last round at this round's rate."""
+        if self.training.keep_optimizer_state and self._kept_optimizer is not None:
+            for group in self._kept_optimizer.param_groups:
+                group["lr"] = learning_rate
+            return self._kept_optimizer
+        optimizer = torch.optim.Adam(self.model.parameters(), lr=learning_rate, weight_decay=self.training.weight_decay)
+        if self.training.keep_optimizer_state:
+            self._kept_optimizer = optimizer
+        return optimizer
 
     def planned_privacy(self, current_round: int = 0, total_rounds: int | None = None) -> Mechanism | None:
         """What DP-SGD round ``current_round`` (0-based) will release (None without DP-SGD), to check the budget

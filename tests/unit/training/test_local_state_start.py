@@ -49,3 +49,20 @@ def test_a_fresh_server_model_changes_nothing(tiny_sites: Path, tmp_path: Path):
     trainer.evaluate_weights(_server_model())
     after = trainer.model.state_dict()
     assert all(np.array_equal(before[k].numpy(), after[k].numpy()) for k in before)
+
+
+def test_adam_state_stays_at_the_site_across_rounds_only_when_asked(tiny_sites: Path, tmp_path: Path):
+    datalist = load_datalist(tiny_sites / "site-1" / "datalist.json", tiny_sites / "site-1", CLASSES)
+    prep = PreprocessConfig(roi_size=(16, 16, 16), intensity_mode="mr_percentile")
+    steps = {}
+    for keep in (False, True):
+        training = TrainingConfig(local_steps=2, keep_optimizer_state=keep, learning_rate=0.01, lr_schedule="cosine")
+        trainer = SiteTrainer("site-1", datalist, CLASSES, prep, training, tmp_path / str(keep), "cpu")
+        first = trainer._optimizer_for_round(0.01)
+        trainer.train_round(_server_model(), 0, total_rounds=2)
+        trainer.train_round(_server_model(), 1, total_rounds=2)
+        optimizer = trainer._optimizer_for_round(0.001)
+        steps[keep] = max(int(state["step"]) for state in optimizer.state.values()) if optimizer.state else 0
+        assert (optimizer is first) is keep
+        assert optimizer.param_groups[0]["lr"] == 0.001  # the round's rate, whether kept or fresh
+    assert steps == {False: 0, True: 4}  # kept: both rounds' steps are in its moments; fresh: none yet
