@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-import numpy as np
-
-BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, which the site trainer uses
+import torch
 
 
 @dataclass(frozen=True)
@@ -38,23 +36,25 @@ class RoundDisplacement:
 
 
 def round_displacement(steps: int, warm_rounds: int, signal: float, coords: int, seed: int = 0) -> RoundDisplacement:
-    """Adam over ``warm_rounds`` earlier rounds (state kept), then one measured round of ``steps`` steps.
+    """``torch.optim.Adam`` (the site trainer's optimizer, its default betas and eps) over ``warm_rounds`` earlier
+    rounds with its state kept, then one measured round of ``steps`` steps.
 
-    With ``warm_rounds`` 0 the measured round starts from zero moments, as a fresh Adam does.
+    With ``warm_rounds`` 0 the measured round starts from zero moments, as a fresh Adam does. The learning rate is 1,
+    so the weights' change is the displacement in units of the learning rate.
     """
-    rng = np.random.default_rng(seed)
-    m, v, t = np.zeros(coords), np.zeros(coords), 0
-    displacement = np.zeros(coords)
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.zeros(coords, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.Adam([weights], lr=1.0)
+    start = weights.detach().clone()
     for round_index in range(warm_rounds + 1):
-        measured = round_index == warm_rounds
+        if round_index == warm_rounds:
+            start = weights.detach().clone()
         for _ in range(steps):
-            g = signal + rng.standard_normal(coords)
-            t += 1
-            m = BETA1 * m + (1 - BETA1) * g
-            v = BETA2 * v + (1 - BETA2) * g * g
-            if measured:
-                displacement += (m / (1 - BETA1**t)) / (np.sqrt(v / (1 - BETA2**t)) + EPS)
-    return RoundDisplacement(float(displacement.mean()), float(displacement.std()))
+            weights.grad = signal + torch.randn(coords, generator=generator, dtype=torch.float64)
+            optimizer.step()
+    # Adam steps against the gradient, so the displacement along the signal is start - end.
+    displacement = start - weights.detach()
+    return RoundDisplacement(float(displacement.mean()), float(displacement.std(correction=0)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--coords", type=int, default=200_000, help="coordinates (independent samples)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(f"signal {args.signal} noise sd per step, Adam betas ({BETA1}, {BETA2}); displacement in units of lr")
+    print(f"signal {args.signal} noise sd per step, torch.optim.Adam defaults; displacement in units of lr")
     print("steps | fresh: mean / spread / SNR | kept: mean / spread / SNR | SNR kept / fresh")
     for steps in (int(s) for s in args.steps.split(",")):
         fresh = round_displacement(steps, 0, args.signal, args.coords, args.seed)

@@ -15,8 +15,12 @@ BN_MEAN = "model.0.conv.unit0.adn.N.running_mean"
 BN_WEIGHT = "model.0.conv.unit0.adn.N.weight"
 
 
+def _site1_datalist(tiny_sites: Path):
+    return load_datalist(tiny_sites / "site-1" / "datalist.json", tiny_sites / "site-1", CLASSES)
+
+
 def _trainer(tiny_sites: Path, tmp_path: Path, keep_local: bool = True) -> SiteTrainer:
-    datalist = load_datalist(tiny_sites / "site-1" / "datalist.json", tiny_sites / "site-1", CLASSES)
+    datalist = _site1_datalist(tiny_sites)
     prep = PreprocessConfig(roi_size=(16, 16, 16), intensity_mode="mr_percentile")
     training = TrainingConfig(local_steps=1, keep_batchnorm_local=keep_local)
     return SiteTrainer("site-1", datalist, CLASSES, prep, training, tmp_path, "cpu")
@@ -53,7 +57,7 @@ def test_a_fresh_server_model_changes_nothing(tiny_sites: Path, tmp_path: Path):
 
 
 def test_adam_state_stays_at_the_site_across_rounds_only_when_asked(tiny_sites: Path, tmp_path: Path):
-    datalist = load_datalist(tiny_sites / "site-1" / "datalist.json", tiny_sites / "site-1", CLASSES)
+    datalist = _site1_datalist(tiny_sites)
     prep = PreprocessConfig(roi_size=(16, 16, 16), intensity_mode="mr_percentile")
     steps = {}
     for keep in (False, True):
@@ -71,7 +75,7 @@ def test_adam_state_stays_at_the_site_across_rounds_only_when_asked(tiny_sites: 
 
 def test_adam_state_kept_under_dpsgd_holds_both_rounds_steps(tiny_sites: Path, tmp_path: Path):
     # Opacus's DPOptimizer wraps the kept Adam afresh each round; the moments must live on in the Adam itself.
-    datalist = load_datalist(tiny_sites / "site-1" / "datalist.json", tiny_sites / "site-1", CLASSES)
+    datalist = _site1_datalist(tiny_sites)
     prep = PreprocessConfig(roi_size=(16, 16, 16), intensity_mode="mr_percentile", samples_per_volume=1)
     preset = "unet3d_tiny_instancenorm"
     training = TrainingConfig(model_preset=preset, keep_batchnorm_local=False, local_steps=2, keep_optimizer_state=True)
