@@ -48,7 +48,7 @@ from monai.data import Dataset, list_data_collate
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from opacus.data_loader import DPDataLoader
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
 from opacus.validators import ModuleValidator
 
 from fedseg3d.data.transforms import PreprocessConfig, train_augment_transform
@@ -61,6 +61,8 @@ from fedseg3d.privacy.accounting import (
 from fedseg3d.training.loops import TrainStats, make_loss
 
 logger = logging.getLogger(__name__)
+
+CLIPPING_MODES = ("flat", "per_layer")
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,13 @@ class DPSGDConfig:
             the network finds the lesion (see ``docs/privacy.md``). With Adam the noise's own step is roughly the
             learning rate whatever sigma is, while the signal's falls as 1 / sigma; spending a fixed budget to
             maximise the summed signal gives sigma proportional to 1 / lr, p = 1. Needs a schedule that decays.
+        clipping: ``"flat"`` (default) clips each patient's whole gradient to ``max_grad_norm``. ``"per_layer"``
+            clips each parameter tensor of it separately, to ``max_grad_norm / sqrt(L)`` for the ``L`` tensors
+            trained (Opacus's ``DPPerLayerOptimizer``). The whole gradient is then still at most ``max_grad_norm``
+            and the noise is the same, so epsilon does not change. Why offer it: with a clip below the gradient
+            norms, the flat clip scales a patient's gradient in every layer by its largest layers; per layer, a
+            tensor whose gradient is already small passes unclipped. The split is equal because any split taken
+            from the site's own gradient norms would be a release of private data that the accountant does not see.
     """
 
     noise_multiplier: float = 1.0
@@ -102,6 +111,7 @@ class DPSGDConfig:
     target_epsilon: float = 0.0
     patches_per_patient: int = 1
     noise_lr_exponent: float = 0.0
+    clipping: str = "flat"
 
     def __post_init__(self) -> None:
         for name in ("noise_multiplier", "max_grad_norm"):
@@ -127,6 +137,8 @@ class DPSGDConfig:
             raise ValueError(
                 f"dp_sgd.noise_lr_exponent must be a finite number >= 0 (0: the same noise every round), got {value!r}"
             )
+        if self.clipping not in CLIPPING_MODES:
+            raise ValueError(f"dp_sgd.clipping must be one of {list(CLIPPING_MODES)}, got {self.clipping!r}")
         if not isinstance(self.secure_mode, bool):
             raise ValueError(f"dp_sgd.secure_mode must be true or false, got {self.secure_mode!r}")
         if self.secure_mode:
@@ -354,13 +366,43 @@ class ClipStatistics:
         return cls(median=median, p90=p90, clipped_fraction=clipped, count=int(norms.numel()))
 
 
-def per_patient_grad_norms(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """The L2 norm of each sample's gradient over all ``params`` (from Opacus's ``grad_sample``), the quantity
-    ``DPOptimizer`` clips. Parameters without per-sample gradients are skipped."""
+def per_layer_clip_norms(optimizer: torch.optim.Optimizer, max_grad_norm: float) -> list[float]:
+    """Equal per-tensor clip norms ``max_grad_norm / sqrt(L)`` for the ``L`` parameter tensors ``optimizer``
+    trains: their L2 norm is ``max_grad_norm``, the sensitivity the noise is scaled to."""
+    tensors = sum(len(group["params"]) for group in optimizer.param_groups)
+    return [max_grad_norm / math.sqrt(tensors)] * tensors
+
+
+def make_dp_optimizer(optimizer: torch.optim.Optimizer, config: DPSGDConfig) -> DPOptimizer:
+    """Opacus's optimizer for ``config.clipping``: ``DPOptimizer`` (flat) or ``DPPerLayerOptimizer`` (per layer).
+    Both add noise of standard deviation ``noise_multiplier * max_grad_norm`` to the sum of clipped gradients."""
+    common = {
+        "noise_multiplier": config.noise_multiplier,
+        "expected_batch_size": config.patients_per_step,
+        "loss_reduction": "mean",
+        "generator": secure_generator() if config.secure_mode else None,
+        "secure_mode": config.secure_mode,
+    }
+    if config.clipping == "per_layer":
+        return DPPerLayerOptimizer(
+            optimizer, max_grad_norm=per_layer_clip_norms(optimizer, config.max_grad_norm), **common
+        )
+    return DPOptimizer(optimizer, max_grad_norm=config.max_grad_norm, **common)
+
+
+def per_patient_tensor_norms(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The L2 norm of each sample's gradient in each of ``params`` (from Opacus's ``grad_sample``), as a
+    ``(samples, tensors)`` matrix: what ``DPPerLayerOptimizer`` clips. Parameters without per-sample gradients are
+    skipped."""
     per_param = [p.grad_sample.reshape(p.grad_sample.shape[0], -1).norm(2, dim=1) for p in params if _has_samples(p)]
     if not per_param:
-        return torch.zeros(0)
-    return torch.stack(per_param, dim=1).norm(2, dim=1)
+        return torch.zeros((0, 0))
+    return torch.stack(per_param, dim=1)
+
+
+def per_patient_grad_norms(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The L2 norm of each sample's gradient over all ``params``, the quantity ``DPOptimizer`` clips."""
+    return per_patient_tensor_norms(params).norm(2, dim=1)
 
 
 def average_grad_samples_per_patient(params: list[torch.nn.Parameter], patients: int, patches: int) -> None:
@@ -423,22 +465,14 @@ def train_dpsgd(
     loader = make_patient_loader(items, preprocessing, config, seed)
     sample_rate = loader.sample_rate
     grad_module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    dp_optimizer = DPOptimizer(
-        optimizer,
-        noise_multiplier=config.noise_multiplier,
-        max_grad_norm=config.max_grad_norm,
-        expected_batch_size=config.patients_per_step,
-        loss_reduction="mean",
-        generator=secure_generator() if config.secure_mode else None,
-        secure_mode=config.secure_mode,
-    )
+    dp_optimizer = make_dp_optimizer(optimizer, config)
     accountant = RDPAccountant()
     dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     loss_fn = (loss_fn or make_loss()).to(device)  # must be a mean of per-patient terms (see PerCaseLoss)
     grad_module.train()
     started = time.perf_counter()
     steps, patches, loss_sum, loss_steps = 0, 0, 0.0, 0
-    norms: list[torch.Tensor] = []
+    tensor_norms: list[torch.Tensor] = []
     try:
         while steps < planned and not should_stop():
             for batch in loader:
@@ -462,7 +496,7 @@ def train_dpsgd(
                     loss.backward()
                     if config.patches_per_patient > 1:
                         average_grad_samples_per_patient(dp_optimizer.params, n, config.patches_per_patient)
-                    norms.append(per_patient_grad_norms(dp_optimizer.params))
+                    tensor_norms.append(per_patient_tensor_norms(dp_optimizer.params))
                     loss_sum += loss_value
                     loss_steps += 1
                     patches += int(images.shape[0])
@@ -481,7 +515,8 @@ def train_dpsgd(
     mechanism = patient_dpsgd_mechanism(config.noise_multiplier, config.patients_per_step, len(items), max(steps, 1))
     if steps == 0:
         logger.warning("DP-SGD took no step (stopped before the first); charging one step to be conservative")
-    clip = ClipStatistics.of(torch.cat(norms) if norms else torch.zeros(0), config.max_grad_norm)
+    all_tensor_norms = torch.cat(tensor_norms) if tensor_norms else torch.zeros((0, 0))
+    clip = ClipStatistics.of(all_tensor_norms.norm(2, dim=1), config.max_grad_norm)
     if clip is not None:
         # Site log only: these are un-noised statistics of the private data (see ClipStatistics).
         logger.info(
@@ -494,4 +529,15 @@ def train_dpsgd(
             config.max_grad_norm,
             config.patches_per_patient,
         )
+        if config.clipping == "per_layer":
+            # The whole-gradient share above is what a flat clip would cut; per layer, each tensor has its own.
+            layer_norm, tensors = dp_optimizer.max_grad_norms[0], len(dp_optimizer.max_grad_norms)
+            logger.info(
+                "DP-SGD per-layer clipping: %.0f%% of %d patient-tensor gradients clipped at %.4g (max_grad_norm / "
+                "sqrt(%d tensors))",
+                100 * float((all_tensor_norms > layer_norm).float().mean()),
+                all_tensor_norms.numel(),
+                layer_norm,
+                tensors,
+            )
     return stats, mechanism, accountant
