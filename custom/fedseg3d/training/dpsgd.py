@@ -49,6 +49,7 @@ from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
+from opacus.optimizers.utils import params as trained_params
 from opacus.validators import ModuleValidator
 
 from fedseg3d.data.transforms import PreprocessConfig, train_augment_transform
@@ -368,8 +369,9 @@ class ClipStatistics:
 
 def per_layer_clip_norms(optimizer: torch.optim.Optimizer, max_grad_norm: float) -> list[float]:
     """Equal per-tensor clip norms ``max_grad_norm / sqrt(L)`` for the ``L`` parameter tensors ``optimizer``
-    trains: their L2 norm is ``max_grad_norm``, the sensitivity the noise is scaled to."""
-    tensors = sum(len(group["params"]) for group in optimizer.param_groups)
+    trains (Opacus's own count, which ``DPPerLayerOptimizer`` checks): their L2 norm is ``max_grad_norm``, the
+    sensitivity the noise is scaled to."""
+    tensors = len(trained_params(optimizer))
     return [max_grad_norm / math.sqrt(tensors)] * tensors
 
 
