@@ -59,16 +59,23 @@ class PerCaseLoss(torch.nn.Module):
         return torch.stack(per_case).mean()
 
 
-def make_loss(class_weights: Sequence[float] = ()) -> torch.nn.Module:
+def make_loss(class_weights: Sequence[float] = (), dice_weight: float = 1.0) -> torch.nn.Module:
     """Dice + cross-entropy: Dice handles the class imbalance of small lesions, CE keeps early gradients sane.
 
     ``class_weights`` (one per class, background first) scale each class's Dice and cross-entropy terms (MONAI's
     ``DiceCELoss(weight=...)``), computed per case (``PerCaseLoss``); none, or all 1, is the unweighted loss.
+    ``dice_weight`` scales the Dice term against cross-entropy (MONAI's ``lambda_dice``; 0 is cross-entropy alone).
+    Why a knob: under DP-SGD each patient's gradient is clipped, and once the lesion is being learned the per-patient
+    Dice term dominates that gradient and points a different way for every patient (a ratio of the patient's own
+    volumes), while cross-entropy's per-patient gradients agree far more (``benchmarks/clip_distortion.py``).
+    Unweighted, the loss is a mean of per-case terms as it is (Dice per case, cross-entropy over equal-sized patches).
     """
+    if not (isinstance(dice_weight, int | float) and not isinstance(dice_weight, bool) and dice_weight >= 0):
+        raise ValueError(f"dice_loss_weight must be a number >= 0, got {dice_weight!r}")
     if not class_weights or all(w == 1 for w in class_weights):
-        return DiceCELoss(to_onehot_y=True, softmax=True)
+        return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=float(dice_weight))
     weight = torch.tensor([float(w) for w in class_weights])
-    return PerCaseLoss(DiceCELoss(to_onehot_y=True, softmax=True, weight=weight))
+    return PerCaseLoss(DiceCELoss(to_onehot_y=True, softmax=True, weight=weight, lambda_dice=float(dice_weight)))
 
 
 def train_local(

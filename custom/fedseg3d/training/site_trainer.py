@@ -75,6 +75,8 @@ class TrainingConfig:
         class_loss_weights: one weight per class (background first) for the Dice and cross-entropy terms of the
             loss (``fedseg3d.training.loops.make_loss``); empty or all 1 is the unweighted loss. A class the
             network learns late (the lesion) can be weighted up. Same for DP-SGD, whose loss stays per patient.
+        dice_loss_weight: weight of the Dice term against cross-entropy (1: Dice + CE, the default; 0: cross-entropy
+            alone). Under DP-SGD the per-patient clip shapes which of the two a step follows (see ``make_loss``).
     """
 
     model_preset: str = "unet3d_tiny"
@@ -91,6 +93,7 @@ class TrainingConfig:
     fedprox_mu: float = 0.0
     lr_schedule: str = "constant"
     class_loss_weights: tuple[float, ...] = ()
+    dice_loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
         weights = tuple(self.class_loss_weights or ())
@@ -99,6 +102,12 @@ class TrainingConfig:
         ):
             raise ValueError(f"class_loss_weights must be numbers >= 0, not all 0, got {list(weights)}")
         object.__setattr__(self, "class_loss_weights", tuple(float(w) for w in weights))
+        if not (
+            isinstance(self.dice_loss_weight, int | float)
+            and not isinstance(self.dice_loss_weight, bool)
+            and self.dice_loss_weight >= 0
+        ):
+            raise ValueError(f"dice_loss_weight must be a number >= 0, got {self.dice_loss_weight!r}")
         for name in ("keep_batchnorm_local", "keep_instancenorm_local", "keep_optimizer_state"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -197,7 +206,8 @@ class SiteTrainer:
                     f"{field_name} has {len(weights)} weight(s) but the job has {len(self.class_names)} classes "
                     f"{list(self.class_names.values())}: give one per class"
                 )
-        self.loss_fn = make_loss(training.class_loss_weights)  # the same for every round: built once
+        # The same for every round: built once.
+        self.loss_fn = make_loss(training.class_loss_weights, training.dice_loss_weight)
         self.preprocessing = preprocessing
         self.training = training
         self.output_dir = Path(output_dir)
