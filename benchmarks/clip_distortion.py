@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from monai.data import DataLoader, Dataset, list_data_collate  # noqa: E402
 from opacus import GradSampleModule  # noqa: E402
 
 from fedseg3d.data.datalist import load_datalist  # noqa: E402
+from fedseg3d.data.site_config import SiteConfig  # noqa: E402
 from fedseg3d.data.synthetic import generate_sites  # noqa: E402
 from fedseg3d.data.transforms import PreprocessConfig, train_augment_transform  # noqa: E402
 from fedseg3d.training.dpsgd import PatientPatches  # noqa: E402
@@ -80,11 +80,11 @@ def per_patient_gradients(model: torch.nn.Module, loss_fn: torch.nn.Module, batc
 
 
 def site_trainers(data_dir: Path, seed: int) -> list[SiteTrainer]:
+    """One trainer per generated site, built from its ``site.json`` as the simulator's sites are."""
     trainers = []
     for site_dir in sorted(p for p in data_dir.iterdir() if (p / "site.json").is_file()):
-        site = json.loads((site_dir / "site.json").read_text())
-        root = (site_dir / site.get("data_root", ".")).resolve()
-        datalist = load_datalist(root / site["datalist"], root, CLASSES)
+        config = SiteConfig.from_file(site_dir / "site.json", site_name=site_dir.name)
+        datalist = load_datalist(config.datalist, config.data_root, label_names=CLASSES)
         training = TrainingConfig(model_preset=PRESET, keep_batchnorm_local=False, learning_rate=0.002, seed=seed)
         trainers.append(
             SiteTrainer(site_dir.name, datalist, CLASSES, PreprocessConfig(), training, data_dir / "out", device="cpu")
