@@ -32,7 +32,7 @@ from fedseg3d.models.presets import build_model, count_parameters
 from fedseg3d.privacy.accounting import Mechanism
 from fedseg3d.training.device import resolve_device, use_mixed_precision
 from fedseg3d.training.dpsgd import DPSGDConfig, check_model_supports_dpsgd, train_dpsgd
-from fedseg3d.training.loops import EvalResult, TrainStats, evaluate, make_loss, train_local
+from fedseg3d.training.loops import EvalResult, TrainStats, check_dice_loss_weight, evaluate, make_loss, train_local
 
 logger = logging.getLogger(__name__)
 
@@ -102,12 +102,7 @@ class TrainingConfig:
         ):
             raise ValueError(f"class_loss_weights must be numbers >= 0, not all 0, got {list(weights)}")
         object.__setattr__(self, "class_loss_weights", tuple(float(w) for w in weights))
-        if not (
-            isinstance(self.dice_loss_weight, int | float)
-            and not isinstance(self.dice_loss_weight, bool)
-            and self.dice_loss_weight >= 0
-        ):
-            raise ValueError(f"dice_loss_weight must be a number >= 0, got {self.dice_loss_weight!r}")
+        object.__setattr__(self, "dice_loss_weight", check_dice_loss_weight(self.dice_loss_weight))
         for name in ("keep_batchnorm_local", "keep_instancenorm_local", "keep_optimizer_state"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
