@@ -32,13 +32,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "custom"), str(REPO)]  # run from a checkout without an editable install too
 
-from monai.data import DataLoader, Dataset, list_data_collate  # noqa: E402
+from monai.data import list_data_collate  # noqa: E402
 from opacus import GradSampleModule  # noqa: E402
 
 from fedseg3d.data.datalist import load_datalist  # noqa: E402
+from fedseg3d.data.dataset import make_train_loader  # noqa: E402
 from fedseg3d.data.site_config import SiteConfig  # noqa: E402
 from fedseg3d.data.synthetic import generate_sites  # noqa: E402
-from fedseg3d.data.transforms import PreprocessConfig, train_augment_transform  # noqa: E402
+from fedseg3d.data.transforms import PreprocessConfig  # noqa: E402
 from fedseg3d.training.dpsgd import PatientPatches  # noqa: E402
 from fedseg3d.training.loops import evaluate, make_loss, train_local  # noqa: E402
 from fedseg3d.training.site_trainer import SiteTrainer, TrainingConfig  # noqa: E402
@@ -97,10 +98,7 @@ def train_one_round(model: torch.nn.Module, trainers: list[SiteTrainer], seed: i
     states = []
     for trainer in trainers:
         trainer.model.load_state_dict(model.state_dict())
-        dataset = Dataset(trainer.train_cases.items, train_augment_transform(trainer.preprocessing))
-        loader = DataLoader(
-            dataset, batch_size=2, shuffle=True, num_workers=0, generator=torch.Generator().manual_seed(seed)
-        )
+        loader = make_train_loader(trainer.train_cases.items, trainer.preprocessing, batch_size=2, seed=seed)
         optimizer = torch.optim.Adam(trainer.model.parameters(), lr=0.002)
         train_local(trainer.model, loader, optimizer, torch.device("cpu"), epochs=1)
         states.append(trainer.model.state_dict())
@@ -140,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
         if round_ not in probe_rounds:
             continue
         for trainer in trainers:
-            dice = evaluate(model, trainer.val_cases.items, torch.device("cpu"), (32, 32, 32), CLASSES).class_dice
+            roi = trainer.preprocessing.roi_size
+            dice = evaluate(model, trainer.val_cases.items, torch.device("cpu"), roi, CLASSES).class_dice
             patients = PatientPatches(trainer.train_cases.items, trainer.preprocessing, seed=args.seed + round_)
             batch = list_data_collate([patients[i] for i in range(min(args.patients, len(patients)))])
             for weight, loss_fn in losses.items():

@@ -4,6 +4,7 @@ renamed section would otherwise break links without a word."""
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -26,9 +27,10 @@ def prose_lines(path: Path) -> list[str]:
     return lines
 
 
-def github_anchors(path: Path) -> set[str]:
+@functools.cache
+def github_anchors(path: Path) -> frozenset[str]:
     """The anchors GitHub gives the file's headings: lower case, punctuation dropped, spaces to hyphens, and -1,
-    -2, ... for repeats."""
+    -2, ... for repeats. Cached: the guides link into the same few files hundreds of times."""
     anchors: set[str] = set()
     seen: dict[str, int] = {}
     for line in prose_lines(path):
@@ -39,7 +41,7 @@ def github_anchors(path: Path) -> set[str]:
         count = seen.get(slug, 0)
         anchors.add(slug if count == 0 else f"{slug}-{count}")
         seen[slug] = count + 1
-    return anchors
+    return frozenset(anchors)
 
 
 def relative_links(path: Path) -> list[str]:

@@ -78,7 +78,7 @@ def make_loss(class_weights: Sequence[float] = (), dice_weight: float = 1.0) -> 
     ``dice_weight`` scales the Dice term against cross-entropy (MONAI's ``lambda_dice``; 0 is cross-entropy alone).
     Why a knob: under DP-SGD each patient's gradient is clipped, and once the lesion is being learned the per-patient
     Dice term dominates that gradient and points a different way for every patient (a ratio of the patient's own
-    volumes), while cross-entropy's per-patient gradients agree far more (``benchmarks/clip_distortion.py``). On the
+    volumes), while cross-entropy's per-patient gradients agree more (``benchmarks/clip_distortion.py``). On the
     synthetic sites a lower weight still did not help DP-SGD: the Dice term is what learns the lesion (docs/privacy.md).
     Unweighted, the loss is a mean of per-case terms as it is (Dice per case, cross-entropy over equal-sized patches).
     """
