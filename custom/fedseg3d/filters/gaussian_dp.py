@@ -29,17 +29,11 @@ result is dropped and never sent. On the server, ``BaseModelController`` (``FedA
 its ``ignore_result_error`` mode: by default it panics (ends the job) when the round can no longer reach
 ``min_responses``, and otherwise skips that site for the round.
 
-Where the budget comes from (site settings only, never from the job, which the server writes):
-
-1. ``<site workspace>/local/privacy_budget.json`` found via ``fl_ctx.get_engine().get_workspace()
-   .get_site_config_dir()`` (see ``fedseg3d.privacy.ledger`` for the format);
-2. else, when the environment variable ``FEDSEG3D_PRIVACY_DIR`` is set (handy for the simulator, whose site
-   workspaces are throw-away), ``$FEDSEG3D_PRIVACY_DIR/<site name>/privacy_budget.json``; the variable being set
-   while that file is missing is an error;
-3. else no budget is configured: with ``require_budget=True`` that is an error; otherwise the filter logs a
-   warning once, still clips and noises, and reports the epsilon of this job's releases only
-   (``dp_scope = "job"``). Sites that mean it list this filter in their ``local/privacy.json`` scope with
-   ``require_budget: true``.
+Where the budget comes from and how a release is charged or refused: ``fedseg3d.privacy.spend``, the same rule
+DP-SGD follows (site settings only, never the job, which the server writes). Without a budget file the filter refuses
+with ``require_budget=True``; otherwise it warns once, still clips and noises, and reports the epsilon of this job's
+releases only (``dp_scope = "job"``). Sites that mean it list this filter in their ``local/privacy.json`` scope with
+``require_budget: true``.
 
 Limitations: noise comes from numpy's PCG64 and floating-point Gaussian sampling, which is not hardened against
 the floating-point attacks of Mironov (CCS 2012) and Jin et al. (S&P 2022). A fixed ``seed`` makes the noise
@@ -62,10 +56,11 @@ from nvflare.apis.fl_constant import FLContextKey, FLMetaKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 
-from fedseg3d.privacy.accounting import ACCOUNTANTS, SITE_UPDATE, Mechanism, epsilon_for, site_update_mechanism
-from fedseg3d.privacy.ledger import RUN_DETAIL, PrivacyBudgetExceeded, PrivacyLedger, SiteBudget, SpendEntry, new_run_id
+from fedseg3d.privacy.accounting import ACCOUNTANTS, SITE_UPDATE, site_update_mechanism
+from fedseg3d.privacy.ledger import PrivacyBudgetExceeded
 from fedseg3d.privacy.record import META_DELTA, META_EPSILON, META_SCOPE, META_UNIT
-from fedseg3d.privacy.site_budget import PRIVACY_DIR_ENV, find_site_budget, where_looked
+from fedseg3d.privacy.site_budget import PRIVACY_DIR_ENV
+from fedseg3d.privacy.spend import PrivacySpend, Release
 
 __all__ = [
     "META_DELTA", "META_EPSILON", "META_SCOPE", "META_UNIT", "PRIVACY_DIR_ENV",
@@ -206,7 +201,6 @@ class GaussianDPFilter(Filter):
 
         self.clip_norm = float(clip_norm)
         self.noise_multiplier = float(noise_multiplier)
-        self._run_id = new_run_id()  # one filter object per job run at the site; see the ledger's RUN_DETAIL
         self.neighbouring = neighbouring
         self.require_budget = require_budget
         self.delta = float(delta)
@@ -217,9 +211,8 @@ class GaussianDPFilter(Filter):
         self.tb_writer_id = tb_writer_id
         self.seeded = seed is not None
         self._rng = np.random.default_rng(seed)
-        self._job_history: list[Mechanism] = []
+        self._spends: dict[str, PrivacySpend] = {}  # per site, made at its first release
         self._lock = threading.Lock()
-        self._warned_no_budget = False
         if self.seeded:
             self.logger.warning(
                 "GaussianDPFilter has a fixed seed: its noise can be regenerated and removed; tests only"
@@ -260,30 +253,43 @@ class GaussianDPFilter(Filter):
                 f"executor: params_transfer_type='DIFF')."
             )
         update = check_update(dxo.data)
-        budget = self._resolve_budget(fl_ctx)
+        spend = self._spend_for(fl_ctx)
+        spend.budget()  # before any noise: a site that requires a budget and has none refuses here
         writer = self._tb_writer(fl_ctx)  # before charging: a misconfigured writer must not cost budget
         with self._lock:
             noised, clipped = clip_and_noise(update, self.clip_norm, self.noise_multiplier * self.clip_norm, self._rng)
-            epsilon, delta, scope = self._charge(budget, shareable, dxo, fl_ctx)
+            release = self._charge(spend, shareable, dxo, fl_ctx)
         self.log_debug(fl_ctx, f"update {'was' if clipped else 'was not'} clipped")  # local log only
 
         out = DXO(data_kind=DataKind.WEIGHT_DIFF, data=noised, meta=copy.deepcopy(dxo.meta or {}))
-        out.set_meta_prop(META_EPSILON, epsilon)
-        out.set_meta_prop(META_DELTA, delta)
-        out.set_meta_prop(META_UNIT, SITE_UPDATE)
-        out.set_meta_prop(META_SCOPE, scope)
+        for key, value in release.meta().items():
+            out.set_meta_prop(key, value)
         out.add_filter_history(type(self).__name__)
         self.log_info(
             fl_ctx,
             f"DP update released by {fl_ctx.get_identity_name()}: clip_norm={self.clip_norm}, "
-            f"noise_multiplier={self.noise_multiplier}, cumulative epsilon={epsilon:.4g} at delta={delta:g} "
-            f"(unit: {SITE_UPDATE}, {scope})",
+            f"noise_multiplier={self.noise_multiplier}, cumulative epsilon={release.epsilon:.4g} at "
+            f"delta={release.delta:g} (unit: {SITE_UPDATE}, {release.scope})",
         )
-        if writer is not None and math.isfinite(epsilon):
+        if writer is not None and math.isfinite(release.epsilon):
             # Streamed after the charge, so TensorBoard never shows a release the ledger does not hold.
             step = _round_of(shareable, dxo, fl_ctx) or 0
-            writer.add_scalar("dp_epsilon_site_update", float(epsilon), global_step=step)
+            writer.add_scalar("dp_epsilon_site_update", float(release.epsilon), global_step=step)
         return out.update_shareable(shareable)
+
+    def _spend_for(self, fl_ctx: FLContext) -> PrivacySpend:
+        """This run's spend at the site, kept so that its job-only history and run id last the job."""
+        site = fl_ctx.get_identity_name()
+        if site not in self._spends:
+            self._spends[site] = PrivacySpend(
+                SITE_UPDATE,
+                site,
+                _site_config_dir(fl_ctx),
+                require_budget=self.require_budget,
+                delta=self.delta,
+                accountant=self.accountant,
+            )
+        return self._spends[site]
 
     def _tb_writer(self, fl_ctx: FLContext):
         """The job's LogWriter named by ``tb_writer_id``, or None when streaming is off.
@@ -299,61 +305,26 @@ class GaussianDPFilter(Filter):
             raise ValueError(f"tb_writer_id '{self.tb_writer_id}' does not name a FLARE LogWriter component")
         return writer
 
-    def _charge(self, budget: SiteBudget | None, shareable: Shareable, dxo: DXO, fl_ctx: FLContext):
-        """Record this release and return (cumulative epsilon, delta, scope). Raises before anything is recorded."""
+    def _charge(self, spend: PrivacySpend, shareable: Shareable, dxo: DXO, fl_ctx: FLContext) -> Release:
+        """Charge this release to the site ledger (or this job's history without a budget); raises, recording
+        nothing, when the budget cannot afford it."""
+        round_ = _round_of(shareable, dxo, fl_ctx)
+        details = {
+            "clip_norm": self.clip_norm,
+            "noise_multiplier": self.noise_multiplier,
+            "neighbouring": self.neighbouring,
+            "filter": type(self).__name__,
+        }
         mechanism = site_update_mechanism(self.accounted_noise_multiplier)
-        if budget is None:
-            self._job_history.append(mechanism)
-            return epsilon_for(self._job_history, self.delta, self.accountant), self.delta, "job"
-        entry = SpendEntry(
-            job_id=str(fl_ctx.get_job_id() or "unknown"),
-            round=_round_of(shareable, dxo, fl_ctx),
-            unit=SITE_UPDATE,
-            noise_multiplier=mechanism.noise_multiplier,
-            sample_rate=mechanism.sample_rate,
-            steps=mechanism.steps,
-            details={
-                "site": fl_ctx.get_identity_name(),
-                RUN_DETAIL: self._run_id,
-                "clip_norm": self.clip_norm,
-                "noise_multiplier": self.noise_multiplier,
-                "neighbouring": self.neighbouring,
-                "filter": type(self).__name__,
-            },
-        )
-        ledger = PrivacyLedger(budget.ledger_file, accountant=budget.accountant)
         try:
-            epsilon = ledger.charge(entry, budget_epsilon=budget.epsilon_budget, delta=budget.delta)
+            return spend.charge(mechanism, fl_ctx.get_job_id(), round_, details)
         except PrivacyBudgetExceeded as err:
-            # Say which site and which budget file in the site's log; FLARE then sends an empty error reply.
-            which = f"round {entry.round + 1}" if entry.round is not None else "this round"  # 1-based, as site logs
+            # Name the site in its log (the error names the budget file); FLARE then sends an empty error reply.
+            which = f"round {round_ + 1}" if round_ is not None else "this round"  # 1-based, as site logs
             self.log_error(
-                fl_ctx,
-                f"site {fl_ctx.get_identity_name()} refuses to send {which}'s update "
-                f"(budget file {budget.source}): {err}",
-                fire_event=False,
+                fl_ctx, f"site {fl_ctx.get_identity_name()} refuses to send {which}'s update: {err}", fire_event=False
             )
             raise
-        return epsilon, budget.delta, "site_ledger"
-
-    def _resolve_budget(self, fl_ctx: FLContext) -> SiteBudget | None:
-        """Find the site's budget file (``fedseg3d.privacy.site_budget``) and load it; re-read every round."""
-        site_dir = _site_config_dir(fl_ctx)
-        budget = find_site_budget(site_dir, fl_ctx.get_identity_name())
-        if budget is not None:
-            return budget
-        looked = where_looked(site_dir)
-        if self.require_budget:
-            raise RuntimeError(f"require_budget is set but no site privacy budget was found: looked in {looked}")
-        if not self._warned_no_budget:
-            self._warned_no_budget = True
-            self.log_warning(
-                fl_ctx,
-                f"no site privacy budget found ({looked}): updates are still clipped and noised, but no budget is "
-                f"enforced and dp_epsilon covers this job only",
-                fire_event=False,  # a log event may be streamed off the site; this note is for the site's own log
-            )
-        return None
 
 
 def _site_config_dir(fl_ctx: FLContext) -> Path | None:

@@ -5,12 +5,6 @@ every batch-norm layer local: its affine weight and bias and its running statist
 type (any ``torch.nn.modules.batchnorm._BatchNorm``), never by substring: MONAI names its norm layers ``adn.N``,
 so a filter looking for ``bn`` in key names silently matches nothing.
 
-The same idea for instance norm is optional (``keep_instancenorm_local``): instance norm has no running statistics,
-but its affine weight and bias are per-channel scales and shifts that a site can keep to undo its own scanner's
-contrast, as FedBN's batch-norm affine does. The networks that DP-SGD needs (no batch norm) get a FedBN-like
-split that way. Under DP-SGD the local affine is trained with the same clipped, noised gradients as the rest, so
-the released updates stay a function of the private training run and keep its guarantee.
-
 Integer buffers (``num_batches_tracked``) are never shared either: they count local steps and averaging them
 means nothing; keeping them out also keeps every shared tensor floating point, which the compression filters need.
 """
@@ -22,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.instancenorm import _InstanceNorm
 
 
 @dataclass(frozen=True)
@@ -35,37 +28,23 @@ class LocalStateSplit:
 
 def batchnorm_state_keys(model: torch.nn.Module) -> set[str]:
     """All state-dict keys (parameters and buffers) that belong to batch-norm modules."""
-    return _state_keys_of(model, _BatchNorm)
-
-
-def instancenorm_state_keys(model: torch.nn.Module) -> set[str]:
-    """All state-dict keys (affine parameters, and running statistics if tracked) of instance-norm modules."""
-    return _state_keys_of(model, _InstanceNorm)
-
-
-def _state_keys_of(model: torch.nn.Module, module_type: type[torch.nn.Module]) -> set[str]:
     keys: set[str] = set()
     for module_name, module in model.named_modules():
-        if isinstance(module, module_type):
+        if isinstance(module, _BatchNorm):
             prefix = f"{module_name}." if module_name else ""
             keys.update(prefix + name for name, _ in module.named_parameters(recurse=False))
             keys.update(prefix + name for name, _ in module.named_buffers(recurse=False))
     return keys
 
 
-def split_local_state(
-    model: torch.nn.Module, keep_batchnorm_local: bool, keep_instancenorm_local: bool = False
-) -> LocalStateSplit:
+def split_local_state(model: torch.nn.Module, keep_batchnorm_local: bool) -> LocalStateSplit:
     """Partition ``model.state_dict()`` keys into shared and local ones.
 
     Args:
         model: the network.
         keep_batchnorm_local: True for FedBN (batch-norm layers stay at the site), False for plain FedAvg.
-        keep_instancenorm_local: True to keep instance-norm affine parameters at the site as well.
     """
     local = batchnorm_state_keys(model) if keep_batchnorm_local else set()
-    if keep_instancenorm_local:
-        local |= instancenorm_state_keys(model)
     shared, kept = [], []
     for key, value in model.state_dict().items():
         if key in local or not torch.is_floating_point(value):

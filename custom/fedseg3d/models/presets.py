@@ -47,38 +47,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "norm": ("instance", {"affine": True}),
     },
 }
-# One level shallower than the tiny presets: about 36 k parameters instead of 152 k, full-resolution width unchanged.
-# For DP-SGD: the noise added to each step's averaged gradient has an L2 norm that grows as the square root of the
-# parameter count while the clipped signal does not, so a quarter of the parameters halves the noise for the same
-# epsilon. It trades receptive field (two downsamplings, an 8^3 bottleneck at 32^3 patches) for that. The batch-norm
-# twin lets a non-private FedBN reference use the same smaller network.
-WITHOUT_DEEPEST_LEVEL = {"channels": (8, 16, 32), "strides": (2, 2)}
-PRESETS["unet3d_shallow"] = {**PRESETS["unet3d_tiny"], **WITHOUT_DEEPEST_LEVEL}
-PRESETS["unet3d_shallow_instancenorm"] = {**PRESETS["unet3d_tiny_instancenorm"], **WITHOUT_DEEPEST_LEVEL}
-
-
-def _at_width(preset: str, factor: float) -> dict[str, Any]:
-    """``preset`` with every level's channel count scaled by ``factor``, so a width variant says what it is
-    relative to its base instead of repeating channel tuples that could drift from it."""
-    args = PRESETS[preset]
-    return {**args, "channels": tuple(int(c * factor) for c in args["channels"])}
-
-
-# Half the width of the shallow preset at every level: about 10 k parameters, so by the same square-root rule a
-# little over half the noise norm again. For DP-SGD only (instance norm); it trades capacity (4 feature maps at full
-# resolution) for signal-to-noise. Measured at 16x it does not pay: 0.614 Dice against 0.688 for the shallow preset
-# at epsilon 8, though it costs only 0.015 without DP (docs/privacy.md, "Three more levers at 16x"). Kept so the row
-# can be repeated.
-PRESETS["unet3d_shallow_narrow_instancenorm"] = _at_width("unet3d_shallow_instancenorm", 0.5)
-# Twice the width of the shallow preset at every level: about 138 k parameters, close to the tiny FedBN network's
-# count. For DP-SGD (instance norm): the narrow preset cost five times more Dice with DP than without, so the
-# question was whether width buys noise tolerance. Measured at 16x it does not: 0.696 over six seeds against 0.692
-# for the shallow preset at epsilon 8 (docs/privacy.md, "Twice and four times the width"). Timed alone on CPU, one
-# DP-SGD step costs about the same as the shallow preset's.
-PRESETS["unet3d_shallow_wide_instancenorm"] = _at_width("unet3d_shallow_instancenorm", 2)
-# Four times the shallow preset's width: about 542 k parameters, the next step of the same question (it did not
-# pay either; same section). Its simulator runs took about 1.7 times the twice-width ones on CPU.
-PRESETS["unet3d_shallow_wide4_instancenorm"] = _at_width("unet3d_shallow_instancenorm", 4)
+# The tiny instance-norm network one level shallower: about a quarter of its parameters. For DP-SGD: the noise added
+# to each step's averaged gradient grows with the square root of the parameter count while the clipped signal does
+# not, so fewer parameters mean less noise for the same epsilon, at the cost of receptive field.
+PRESETS["unet3d_shallow_instancenorm"] = {
+    **PRESETS["unet3d_tiny_instancenorm"],
+    "channels": (8, 16, 32),
+    "strides": (2, 2),
+}
 
 
 def preset_args(preset: str, **overrides: Any) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import logging
 import math
 import numbers
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -207,52 +207,6 @@ def noise_multiplier_for(
             f"calibrated noise_multiplier={sigma} gives epsilon={achieved} > target {target_epsilon} ({accountant})"
         )
     return sigma
-
-
-def noise_multiplier_for_schedule(
-    target_epsilon: float,
-    delta: float,
-    sample_rate: float,
-    steps_per_round: int,
-    round_scales: Sequence[float],
-    accountant: str = "rdp",
-) -> float:
-    """The smallest base noise multiplier (to 0.1%) such that round ``r`` at ``base * round_scales[r]`` for
-    ``steps_per_round`` steps each, all rounds composed, costs at most ``target_epsilon`` at ``delta``.
-
-    Why a search of ours: Opacus calibrates one noise multiplier for identical steps only. Every candidate here is
-    still priced by Opacus's accountant (``epsilon_for``, the function every ledger uses), so the search only picks
-    the base; it never computes an epsilon itself. With every scale 1 this is ``noise_multiplier_for``.
-
-    Args:
-        round_scales: one factor >= 1 per round (how much more noise that round gets than the base).
-
-    Raises:
-        ValueError: a bad argument (including a scale below 1 or not finite), or an unreachable target.
-        RuntimeError: the result does not meet the target by the accountant (never expected).
-    """
-    scales = [float(s) for s in round_scales]
-    if not scales or not all(math.isfinite(s) and s >= 1 for s in scales):
-        raise ValueError(f"round_scales must be one finite factor >= 1 per round, got {list(round_scales)!r}")
-    uniform = noise_multiplier_for(target_epsilon, delta, sample_rate, steps_per_round * len(scales), accountant)
-    if max(scales) == 1:
-        return uniform
-
-    def spent(base: float) -> float:
-        return epsilon_for([(base * s, sample_rate, steps_per_round) for s in scales], delta, accountant)
-
-    # Bracket: at `uniform` every round has at least the uniform noise, so it fits; at uniform / max(scale) every
-    # round has at most the uniform noise (and one has less), so it does not.
-    low, high = uniform / max(scales), uniform
-    while high - low > 1e-3 * high:
-        middle = (low + high) / 2
-        low, high = (low, middle) if spent(middle) <= target_epsilon else (middle, high)
-    achieved = spent(high)
-    if not achieved <= target_epsilon:
-        raise RuntimeError(
-            f"base noise_multiplier={high} with scales {scales} gives epsilon={achieved} > target {target_epsilon}"
-        )
-    return high
 
 
 @dataclass(frozen=True)

@@ -178,8 +178,7 @@ def audit_site(
         skip_bad_cases=config.skip_bad_cases,
     )
     model, split = trainer.model, trainer.split
-    keeps_norm_local = setup.training.keep_batchnorm_local or setup.training.keep_instancenorm_local
-    if split.local and local_state is None and keeps_norm_local:
+    if split.local and local_state is None and setup.training.keep_batchnorm_local:
         raise FileNotFoundError(
             f"{site}: the job keeps normalisation layers at the site but no local model was found; the global model "
             f"needs the site's own"

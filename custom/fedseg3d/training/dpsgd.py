@@ -29,6 +29,9 @@ would no longer match the server's. The job must name a preset without batch nor
 Each round also logs the per-patient gradient norms before clipping (``ClipStatistics``), in the site's log only, so
 that a site can set ``max_grad_norm`` near them: a clip norm far above them adds noise for signal that is not there.
 
+With ``target_epsilon`` the noise multiplier is not a job setting: ``DPSGDPlan`` calibrates it once per site for the
+rounds the job has left (``fedseg3d.training.dpsgd_plan``).
+
 Not covered: the per-round metrics the learner reports (loss, validation Dice on the site's validation cases), and
 the number of training cases used to weight the average. Noise comes from torch's generator unless
 ``secure_mode`` (Opacus's cryptographically secure RNG; needs the ``torchcsprng`` package).
@@ -40,7 +43,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,22 +51,14 @@ from monai.data import Dataset, list_data_collate
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from opacus.data_loader import DPDataLoader
-from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
-from opacus.optimizers.utils import params as trained_params
+from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 
 from fedseg3d.data.transforms import PreprocessConfig, train_augment_transform
-from fedseg3d.privacy.accounting import (
-    Mechanism,
-    noise_multiplier_for,
-    noise_multiplier_for_schedule,
-    patient_dpsgd_mechanism,
-)
+from fedseg3d.privacy.accounting import Mechanism, noise_multiplier_for, patient_dpsgd_mechanism
 from fedseg3d.training.loops import TrainStats, make_loss
 
 logger = logging.getLogger(__name__)
-
-CLIPPING_MODES = ("flat", "per_layer")
 
 
 @dataclass(frozen=True)
@@ -87,20 +82,6 @@ class DPSGDConfig:
         patches_per_patient: K random patches cropped from each sampled patient per step; their gradients are
             averaged before the patient's gradient is clipped, so epsilon does not change and a step costs K times
             the compute (augmentation multiplicity).
-        noise_lr_exponent: p >= 0. A round whose learning rate is ``lr`` (of the schedule's peak ``lr0``) trains with
-            ``noise_multiplier * (lr0 / lr) ** p``; 0 (default) keeps the noise the same every round. Why: with a
-            decaying rate (``lr_schedule: cosine``) a late round's steps barely move the weights, yet each costs as
-            much privacy as an early one. Raising their noise frees budget for less noise in the early rounds, where
-            the network finds the lesion (see ``docs/privacy.md``). With Adam the noise's own step is roughly the
-            learning rate whatever sigma is, while the signal's falls as 1 / sigma; spending a fixed budget to
-            maximise the summed signal gives sigma proportional to 1 / lr, p = 1. Needs a schedule that decays.
-        clipping: ``"flat"`` (default) clips each patient's whole gradient to ``max_grad_norm``. ``"per_layer"``
-            clips each parameter tensor of it separately, to ``max_grad_norm / sqrt(L)`` for the ``L`` tensors
-            trained (Opacus's ``DPPerLayerOptimizer``). The whole gradient is then still at most ``max_grad_norm``
-            and the noise is the same, so epsilon does not change. Why offer it: with a clip below the gradient
-            norms, the flat clip scales a patient's gradient in every layer by its largest layers; per layer, a
-            tensor whose gradient is already small passes unclipped. The split is equal because any split taken
-            from the site's own gradient norms would be a release of private data that the accountant does not see.
     """
 
     noise_multiplier: float = 1.0
@@ -111,8 +92,6 @@ class DPSGDConfig:
     secure_mode: bool = False
     target_epsilon: float = 0.0
     patches_per_patient: int = 1
-    noise_lr_exponent: float = 0.0
-    clipping: str = "flat"
 
     def __post_init__(self) -> None:
         for name in ("noise_multiplier", "max_grad_norm"):
@@ -133,13 +112,6 @@ class DPSGDConfig:
             raise ValueError(
                 f"dp_sgd.target_epsilon must be a finite number >= 0 (0: use noise_multiplier), got {value!r}"
             )
-        value = self.noise_lr_exponent
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
-            raise ValueError(
-                f"dp_sgd.noise_lr_exponent must be a finite number >= 0 (0: the same noise every round), got {value!r}"
-            )
-        if self.clipping not in CLIPPING_MODES:
-            raise ValueError(f"dp_sgd.clipping must be one of {list(CLIPPING_MODES)}, got {self.clipping!r}")
         if not isinstance(self.secure_mode, bool):
             raise ValueError(f"dp_sgd.secure_mode must be true or false, got {self.secure_mode!r}")
         if self.secure_mode:
@@ -183,76 +155,27 @@ class DPSGDConfig:
                 f"patient(s); lower it in the job"
             )
 
-    def noise_scale(self, lr_ratio: float) -> float:
-        """How many times the base noise multiplier a round gets whose learning rate is ``lr_ratio`` times the
-        schedule's peak: ``lr_ratio ** -noise_lr_exponent`` (1 when the exponent is 0).
-
-        Raises:
-            ValueError: ``lr_ratio`` is not in (0, 1] while the noise follows the learning rate.
-        """
-        if not self.noise_lr_exponent:
-            return 1.0
-        if isinstance(lr_ratio, bool) or not isinstance(lr_ratio, int | float) or not 0 < lr_ratio <= 1:
-            raise ValueError(
-                f"dp_sgd.noise_lr_exponent={self.noise_lr_exponent} needs the round's learning rate as a fraction in "
-                f"(0, 1] of the schedule's peak, got {lr_ratio!r}"
-            )
-        return float(lr_ratio) ** -self.noise_lr_exponent
-
-    def for_learning_rate(self, lr_ratio: float) -> DPSGDConfig:
-        """This configuration for a round at ``lr_ratio`` of the peak learning rate (see ``noise_scale``)."""
-        scale = self.noise_scale(lr_ratio)
-        return self if scale == 1 else dataclasses.replace(self, noise_multiplier=self.noise_multiplier * scale)
-
-    def calibrated(
-        self,
-        n_patients: int,
-        rounds: int,
-        delta: float,
-        accountant: str = "rdp",
-        lr_ratios: Sequence[float] = (),
-    ) -> DPSGDConfig:
+    def calibrated(self, n_patients: int, rounds: int, delta: float, accountant: str = "rdp") -> DPSGDConfig:
         """This configuration with the noise multiplier that makes ``rounds`` rounds at a site of ``n_patients``
         spend at most ``target_epsilon`` (one patient, at ``delta``), and ``target_epsilon`` cleared.
 
         The noise multiplier comes from Opacus's calibration (``fedseg3d.privacy.accounting.noise_multiplier_for``)
-        for the rate ``patients_per_step / n_patients`` and ``rounds * steps_for(n_patients)`` steps: the
-        mechanism the site ledger will be charged with, so its epsilon after the last round is at most the target
-        (if the site had spent nothing before; the site budget still bounds the total). With ``noise_lr_exponent``
-        above 0 the result is the *base* multiplier: round ``r`` then trains with ``for_learning_rate(lr_ratios[r])``,
-        and the calibration composes exactly those rounds
-        (``fedseg3d.privacy.accounting.noise_multiplier_for_schedule``).
-
-        Args:
-            lr_ratios: each remaining round's learning rate over the schedule's peak, one per round; needed (and
-                used) only when ``noise_lr_exponent`` is above 0.
+        for the rate ``patients_per_step / n_patients`` and ``rounds * steps_for(n_patients)`` steps: the mechanism
+        the site ledger will be charged with, so this job's epsilon after its last round is at most the target (the
+        site budget still bounds what earlier jobs spent).
 
         Raises:
-            ValueError: ``target_epsilon`` is 0, ``rounds`` < 1, ``patients_per_step`` exceeds ``n_patients``, a
-                ``lr_ratios`` count that is not ``rounds``, or no noise multiplier reaches the target (each message
-                names the ``dp_sgd`` field).
+            ValueError: ``target_epsilon`` is 0, ``rounds`` < 1, ``patients_per_step`` exceeds ``n_patients``, or no
+                noise multiplier reaches the target (each message names the ``dp_sgd`` field).
         """
         if not self.target_epsilon:
             raise ValueError("dp_sgd.target_epsilon is 0: there is nothing to calibrate (noise_multiplier is used)")
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
             raise ValueError(f"dp_sgd.target_epsilon: calibration needs a number of rounds >= 1, got {rounds!r}")
         self._check_patients(n_patients)
-        rate = self.patients_per_step / n_patients
+        rate, steps = self.patients_per_step / n_patients, rounds * self.steps_for(n_patients)
         try:
-            if self.noise_lr_exponent:
-                if len(lr_ratios) != rounds:
-                    raise ValueError(
-                        f"dp_sgd.noise_lr_exponent={self.noise_lr_exponent}: calibration needs one learning-rate "
-                        f"ratio per round ({rounds}), got {len(lr_ratios)}"
-                    )
-                scales = [self.noise_scale(r) for r in lr_ratios]
-                sigma = noise_multiplier_for_schedule(
-                    self.target_epsilon, delta, rate, self.steps_for(n_patients), scales, accountant
-                )
-            else:
-                sigma = noise_multiplier_for(
-                    self.target_epsilon, delta, rate, rounds * self.steps_for(n_patients), accountant
-                )
+            sigma = noise_multiplier_for(self.target_epsilon, delta, rate, steps, accountant)
         except ValueError as err:
             raise ValueError(f"dp_sgd.target_epsilon={self.target_epsilon} cannot be calibrated: {err}") from err
         return dataclasses.replace(self, noise_multiplier=sigma, target_epsilon=0.0)
@@ -340,9 +263,8 @@ class ClipStatistics:
 
     Why: the clip norm decides how much of each patient's gradient survives against noise of scale
     ``noise_multiplier * max_grad_norm``. A clip norm above most gradient norms adds noise for signal that is never
-    there (the benchmark measured median norms of 0.2 to 0.4 for the tiny U-Net once the organ is learned, against
-    the old default of 1.0); one far below them only shortens every step alike. These figures are computed from the
-    private data without noise, so they stay in the site's own log and are never sent or streamed.
+    there; one far below them only shortens every step alike. These figures are computed from the private data
+    without noise, so they stay in the site's own log and are never sent or streamed.
 
     Attributes:
         median: median per-patient gradient L2 norm over the round's steps.
@@ -367,44 +289,27 @@ class ClipStatistics:
         return cls(median=median, p90=p90, clipped_fraction=clipped, count=int(norms.numel()))
 
 
-def per_layer_clip_norms(optimizer: torch.optim.Optimizer, max_grad_norm: float) -> list[float]:
-    """Equal per-tensor clip norms ``max_grad_norm / sqrt(L)`` for the ``L`` parameter tensors ``optimizer``
-    trains (Opacus's own count, which ``DPPerLayerOptimizer`` checks): their L2 norm is ``max_grad_norm``, the
-    sensitivity the noise is scaled to."""
-    tensors = len(trained_params(optimizer))
-    return [max_grad_norm / math.sqrt(tensors)] * tensors
-
-
 def make_dp_optimizer(optimizer: torch.optim.Optimizer, config: DPSGDConfig) -> DPOptimizer:
-    """Opacus's optimizer for ``config.clipping``: ``DPOptimizer`` (flat) or ``DPPerLayerOptimizer`` (per layer).
-    Both add noise of standard deviation ``noise_multiplier * max_grad_norm`` to the sum of clipped gradients."""
-    common = {
-        "noise_multiplier": config.noise_multiplier,
-        "expected_batch_size": config.patients_per_step,
-        "loss_reduction": "mean",
-        "generator": secure_generator() if config.secure_mode else None,
-        "secure_mode": config.secure_mode,
-    }
-    if config.clipping == "per_layer":
-        return DPPerLayerOptimizer(
-            optimizer, max_grad_norm=per_layer_clip_norms(optimizer, config.max_grad_norm), **common
-        )
-    return DPOptimizer(optimizer, max_grad_norm=config.max_grad_norm, **common)
-
-
-def per_patient_tensor_norms(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """The L2 norm of each sample's gradient in each of ``params`` (from Opacus's ``grad_sample``), as a
-    ``(samples, tensors)`` matrix: what ``DPPerLayerOptimizer`` clips. Parameters without per-sample gradients are
-    skipped."""
-    per_param = [p.grad_sample.reshape(p.grad_sample.shape[0], -1).norm(2, dim=1) for p in params if _has_samples(p)]
-    if not per_param:
-        return torch.zeros((0, 0))
-    return torch.stack(per_param, dim=1)
+    """Opacus's ``DPOptimizer`` around the job's optimizer: each patient's gradient clipped to ``max_grad_norm``,
+    Gaussian noise of standard deviation ``noise_multiplier * max_grad_norm`` added to their sum."""
+    return DPOptimizer(
+        optimizer,
+        noise_multiplier=config.noise_multiplier,
+        max_grad_norm=config.max_grad_norm,
+        expected_batch_size=config.patients_per_step,
+        loss_reduction="mean",
+        generator=secure_generator() if config.secure_mode else None,
+        secure_mode=config.secure_mode,
+    )
 
 
 def per_patient_grad_norms(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """The L2 norm of each sample's gradient over all ``params``, the quantity ``DPOptimizer`` clips."""
-    return per_patient_tensor_norms(params).norm(2, dim=1)
+    """The L2 norm of each sample's gradient over all ``params`` (from Opacus's ``grad_sample``): what
+    ``DPOptimizer`` clips. Parameters without per-sample gradients are skipped."""
+    per_param = [p.grad_sample.reshape(p.grad_sample.shape[0], -1).norm(2, dim=1) for p in params if _has_samples(p)]
+    if not per_param:
+        return torch.zeros(0)
+    return torch.stack(per_param, dim=1).norm(2, dim=1)
 
 
 def average_grad_samples_per_patient(params: list[torch.nn.Parameter], patients: int, patches: int) -> None:
@@ -474,7 +379,7 @@ def train_dpsgd(
     grad_module.train()
     started = time.perf_counter()
     steps, patches, loss_sum, loss_steps = 0, 0, 0.0, 0
-    tensor_norms: list[torch.Tensor] = []
+    norms: list[torch.Tensor] = []
     try:
         while steps < planned and not should_stop():
             for batch in loader:
@@ -498,7 +403,7 @@ def train_dpsgd(
                     loss.backward()
                     if config.patches_per_patient > 1:
                         average_grad_samples_per_patient(dp_optimizer.params, n, config.patches_per_patient)
-                    tensor_norms.append(per_patient_tensor_norms(dp_optimizer.params))
+                    norms.append(per_patient_grad_norms(dp_optimizer.params))
                     loss_sum += loss_value
                     loss_steps += 1
                     patches += int(images.shape[0])
@@ -517,8 +422,7 @@ def train_dpsgd(
     mechanism = patient_dpsgd_mechanism(config.noise_multiplier, config.patients_per_step, len(items), max(steps, 1))
     if steps == 0:
         logger.warning("DP-SGD took no step (stopped before the first); charging one step to be conservative")
-    all_tensor_norms = torch.cat(tensor_norms) if tensor_norms else torch.zeros((0, 0))
-    clip = ClipStatistics.of(all_tensor_norms.norm(2, dim=1), config.max_grad_norm)
+    clip = ClipStatistics.of(torch.cat(norms) if norms else torch.zeros(0), config.max_grad_norm)
     if clip is not None:
         # Site log only: these are un-noised statistics of the private data (see ClipStatistics).
         logger.info(
@@ -531,15 +435,4 @@ def train_dpsgd(
             config.max_grad_norm,
             config.patches_per_patient,
         )
-        if config.clipping == "per_layer":
-            # The whole-gradient share above is what a flat clip would cut; per layer, each tensor has its own.
-            layer_norm, tensors = dp_optimizer.max_grad_norms[0], len(dp_optimizer.max_grad_norms)
-            logger.info(
-                "DP-SGD per-layer clipping: %.0f%% of %d patient-tensor gradients clipped at %.4g (max_grad_norm / "
-                "sqrt(%d tensors))",
-                100 * float((all_tensor_norms > layer_norm).float().mean()),
-                all_tensor_norms.numel(),
-                layer_norm,
-                tensors,
-            )
     return stats, mechanism, accountant

@@ -59,34 +59,17 @@ class PerCaseLoss(torch.nn.Module):
         return torch.stack(per_case).mean()
 
 
-def check_dice_loss_weight(value: object) -> float:
-    """``value`` as a Dice weight (a number >= 0), so that a job's typo fails at start, naming the knob.
-
-    Raises:
-        ValueError: not a number (a boolean or a string included), or negative.
-    """
-    if not (isinstance(value, int | float) and not isinstance(value, bool) and value >= 0):
-        raise ValueError(f"dice_loss_weight must be a number >= 0, got {value!r}")
-    return float(value)
-
-
-def make_loss(class_weights: Sequence[float] = (), dice_weight: float = 1.0) -> torch.nn.Module:
+def make_loss(class_weights: Sequence[float] = ()) -> torch.nn.Module:
     """Dice + cross-entropy: Dice handles the class imbalance of small lesions, CE keeps early gradients sane.
 
     ``class_weights`` (one per class, background first) scale each class's Dice and cross-entropy terms (MONAI's
     ``DiceCELoss(weight=...)``), computed per case (``PerCaseLoss``); none, or all 1, is the unweighted loss.
-    ``dice_weight`` scales the Dice term against cross-entropy (MONAI's ``lambda_dice``; 0 is cross-entropy alone).
-    Why a knob: under DP-SGD each patient's gradient is clipped, and once the lesion is being learned the per-patient
-    Dice term dominates that gradient and points a different way for every patient (a ratio of the patient's own
-    volumes), while cross-entropy's per-patient gradients agree more (``benchmarks/clip_distortion.py``). On the
-    synthetic sites a lower weight still did not help DP-SGD: the Dice term is what learns the lesion (docs/privacy.md).
     Unweighted, the loss is a mean of per-case terms as it is (Dice per case, cross-entropy over equal-sized patches).
     """
-    dice_weight = check_dice_loss_weight(dice_weight)
     if not class_weights or all(w == 1 for w in class_weights):
-        return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=dice_weight)
+        return DiceCELoss(to_onehot_y=True, softmax=True)
     weight = torch.tensor([float(w) for w in class_weights])
-    return PerCaseLoss(DiceCELoss(to_onehot_y=True, softmax=True, weight=weight, lambda_dice=dice_weight))
+    return PerCaseLoss(DiceCELoss(to_onehot_y=True, softmax=True, weight=weight))
 
 
 def train_local(

@@ -18,21 +18,18 @@ import numpy as np
 import torch
 from monai.utils import set_determinism
 
-from fedseg3d.data.datalist import Datalist
+from fedseg3d.data.datalist import Datalist, load_datalist
 from fedseg3d.data.dataset import CasePreparer, PreparedCases, make_train_loader, prepare_cases
+from fedseg3d.data.site_config import SiteConfig
 from fedseg3d.data.transforms import PreprocessConfig
-from fedseg3d.models.local_state import (
-    instancenorm_state_keys,
-    load_local_state,
-    load_shared_state,
-    shared_state_numpy,
-    split_local_state,
-)
+from fedseg3d.models.local_state import load_local_state, load_shared_state, shared_state_numpy, split_local_state
 from fedseg3d.models.presets import build_model, count_parameters
 from fedseg3d.privacy.accounting import Mechanism
+from fedseg3d.privacy.spend import DEFAULT_DELTA
 from fedseg3d.training.device import resolve_device, use_mixed_precision
 from fedseg3d.training.dpsgd import DPSGDConfig, check_model_supports_dpsgd, train_dpsgd
-from fedseg3d.training.loops import EvalResult, TrainStats, check_dice_loss_weight, evaluate, make_loss, train_local
+from fedseg3d.training.dpsgd_plan import DPSGDPlan
+from fedseg3d.training.loops import EvalResult, TrainStats, evaluate, make_loss, train_local
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +43,6 @@ class TrainingConfig:
     Attributes:
         model_preset: name of the network in ``fedseg3d.models.presets.PRESETS``.
         keep_batchnorm_local: FedBN: batch-norm layers stay at the site and are never sent or overwritten.
-        keep_instancenorm_local: FedBN's split for networks without batch norm (the DP-SGD presets): the affine
-            weight and bias of every instance-norm layer stay at the site. Why: the synthetic sites differ in
-            contrast and even lesion polarity, and a per-site scale and shift per channel is what FedBN uses to
-            absorb that; without it one shared network has to fit every scanner at once.
         local_epochs: passes over the site's training patches per round (used when ``local_steps`` is 0).
         local_steps: exact optimizer steps per round; makes sites of different sizes do equal work.
         batch_size: patches per optimizer step.
@@ -60,13 +53,6 @@ class TrainingConfig:
             tells each site the round and the number of rounds. Under DP-SGD the schedule uses no private data,
             so it costs no privacy; a smaller late step shrinks the noise the last rounds leave in the model.
         weight_decay: Adam weight decay.
-        keep_optimizer_state: keep Adam's moment estimates at the site from one round to the next (default false:
-            a fresh Adam every round). Why: a fresh Adam's first steps are its noisiest. Its bias correction makes
-            the first step ``lr * sign(g)`` on every weight, and its first momentum averages few gradients. When the
-            gradients are mostly noise (DP-SGD), those steps move the weights by several times the steady step in
-            random directions, every round again. Under DP-SGD the moments are computed from the noised gradients
-            only, so keeping them costs no privacy. They stay in the site's memory (never sent, not checkpointed):
-            a site that restarts mid-job starts with a fresh Adam.
         amp: use mixed precision when training on a GPU (ignored on CPU).
         seed: seeds weights-independent randomness (patch sampling, augmentation, shuffling).
         fedprox_mu: FedProx (Li et al., MLSys 2020) proximal weight: ``mu/2 * ||w - w_global||^2`` is added to
@@ -75,25 +61,20 @@ class TrainingConfig:
         class_loss_weights: one weight per class (background first) for the Dice and cross-entropy terms of the
             loss (``fedseg3d.training.loops.make_loss``); empty or all 1 is the unweighted loss. A class the
             network learns late (the lesion) can be weighted up. Same for DP-SGD, whose loss stays per patient.
-        dice_loss_weight: weight of the Dice term against cross-entropy (1: Dice + CE, the default; 0: cross-entropy
-            alone). Under DP-SGD the per-patient clip shapes which of the two a step follows (see ``make_loss``).
     """
 
     model_preset: str = "unet3d_tiny"
     keep_batchnorm_local: bool = True
-    keep_instancenorm_local: bool = False
     local_epochs: int = 1
     local_steps: int = 0
     batch_size: int = 2
     learning_rate: float = 1e-3
     weight_decay: float = 1e-5
-    keep_optimizer_state: bool = False
     amp: bool = True
     seed: int = 0
     fedprox_mu: float = 0.0
     lr_schedule: str = "constant"
     class_loss_weights: tuple[float, ...] = ()
-    dice_loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
         weights = tuple(self.class_loss_weights or ())
@@ -102,10 +83,8 @@ class TrainingConfig:
         ):
             raise ValueError(f"class_loss_weights must be numbers >= 0, not all 0, got {list(weights)}")
         object.__setattr__(self, "class_loss_weights", tuple(float(w) for w in weights))
-        object.__setattr__(self, "dice_loss_weight", check_dice_loss_weight(self.dice_loss_weight))
-        for name in ("keep_batchnorm_local", "keep_instancenorm_local", "keep_optimizer_state"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.keep_batchnorm_local, bool):
+            raise ValueError(f"keep_batchnorm_local must be true or false, got {self.keep_batchnorm_local!r}")
         if self.local_epochs < 1 and self.local_steps < 1:
             raise ValueError("local_epochs or local_steps must be at least 1")
         if self.batch_size < 1:
@@ -130,10 +109,6 @@ class TrainingConfig:
         fraction = min(max(current_round, 0), total_rounds) / total_rounds
         return self.learning_rate * (1 + math.cos(math.pi * fraction)) / 2
 
-    def learning_rate_fraction(self, current_round: int, total_rounds: int | None) -> float:
-        """Round ``current_round``'s learning rate over the schedule's peak (``learning_rate``): 1 when constant."""
-        return self.learning_rate_for(current_round, total_rounds) / self.learning_rate
-
 
 @dataclass
 class RoundResult:
@@ -145,6 +120,14 @@ class RoundResult:
     local_eval: EvalResult
     metrics: dict[str, float] = field(default_factory=dict)
     privacy: Mechanism | None = None  # DP-SGD only: what this round released, for the site's privacy ledger
+
+    def summary(self) -> str:
+        """One line for the site log."""
+        return (
+            f"loss {self.train.mean_loss:.4f}, {self.train.steps} steps in {self.train.seconds:.1f} s at learning rate "
+            f"{self.metrics.get('learning_rate', math.nan):.3g}, local val Dice {self.local_eval.mean_dice:.4f} "
+            f"{self.local_eval.class_dice}"
+        )
 
 
 class SiteTrainer:
@@ -202,7 +185,7 @@ class SiteTrainer:
                     f"{list(self.class_names.values())}: give one per class"
                 )
         # The same for every round: built once.
-        self.loss_fn = make_loss(training.class_loss_weights, training.dice_loss_weight)
+        self.loss_fn = make_loss(training.class_loss_weights)
         self.preprocessing = preprocessing
         self.training = training
         self.output_dir = Path(output_dir)
@@ -210,31 +193,15 @@ class SiteTrainer:
         self.amp = use_mixed_precision(self.device, training.amp)
         set_determinism(seed=training.seed)
         self.model = build_model(training.model_preset, out_channels=len(self.class_names)).to(self.device)
-        self.split = split_local_state(
-            self.model,
-            keep_batchnorm_local=training.keep_batchnorm_local,
-            keep_instancenorm_local=training.keep_instancenorm_local,
-        )
-        if training.keep_instancenorm_local and not instancenorm_state_keys(self.model):
-            raise ValueError(
-                f"keep_instancenorm_local is true but model preset '{training.model_preset}' has no instance-norm "
-                f"layer with affine parameters: nothing would stay local; use an '_instancenorm' preset or set it false"
-            )
-        self.dp_sgd = dp_sgd
+        self.split = split_local_state(self.model, keep_batchnorm_local=training.keep_batchnorm_local)
         if dp_sgd is not None:
             check_model_supports_dpsgd(self.model, training.model_preset)
-            if dp_sgd.noise_lr_exponent and training.lr_schedule == "constant":
-                raise ValueError(
-                    f"dp_sgd.noise_lr_exponent is {dp_sgd.noise_lr_exponent} but training.lr_schedule is 'constant': "
-                    f"the noise follows the learning rate, so it would never change; use lr_schedule 'cosine' or set "
-                    f"noise_lr_exponent to 0"
-                )
         preparer = CasePreparer(preprocessing, num_classes=len(self.class_names))
         self.train_cases: PreparedCases = prepare_cases(datalist.training, preparer, skip_bad_cases, "training")
         self.val_cases: PreparedCases = prepare_cases(datalist.validation, preparer, skip_bad_cases, "validation")
+        self.dp_plan = DPSGDPlan(dp_sgd, self.num_train_cases, site_name) if dp_sgd is not None else None
         self.best_local_dice = -math.inf
         self.rounds_done = 0
-        self._kept_optimizer: torch.optim.Optimizer | None = None
         self.local_state_adopted = not self.split.local
         logger.info(
             "%s: %s (%d parameters) on %s, %d training / %d validation cases (%d skipped), %d shared and %d local keys",
@@ -247,6 +214,40 @@ class SiteTrainer:
             len(self.train_cases.skipped) + len(self.val_cases.skipped),
             len(self.split.shared),
             len(self.split.local),
+        )
+
+    @classmethod
+    def from_site_config(
+        cls,
+        site: SiteConfig,
+        class_names: dict[int, str],
+        preprocessing: PreprocessConfig,
+        training: TrainingConfig,
+        default_output_dir: Path,
+        dp_sgd: DPSGDConfig | None = None,
+        proximal_loss: torch.nn.Module | None = None,
+    ) -> SiteTrainer:
+        """The trainer a site's own settings describe: its datalist, device, CPU threads and output folder
+        (``default_output_dir`` when the site names none).
+
+        Raises:
+            DataError, ValueError: as ``load_datalist`` and the constructor.
+        """
+        if site.num_threads > 0:
+            torch.set_num_threads(site.num_threads)
+        datalist = load_datalist(site.datalist, site.data_root, label_names=class_names)
+        logger.info("%s: datalist %s, data root %s", site.site_name, site.datalist, site.data_root)
+        return cls(
+            site_name=site.site_name,
+            datalist=datalist,
+            class_names=class_names,
+            preprocessing=preprocessing,
+            training=training,
+            output_dir=site.output_dir or default_output_dir,
+            device=site.device,
+            skip_bad_cases=site.skip_bad_cases,
+            dp_sgd=dp_sgd,
+            proximal_loss=proximal_loss,
         )
 
     @property
@@ -300,14 +301,14 @@ class SiteTrainer:
         if ignored:
             logger.debug("%s: kept %d local key(s) instead of the global values", self.site_name, len(ignored))
         start = shared_state_numpy(self.model, self.split)
-        optimizer = self._optimizer_for_round(learning_rate)
+        optimizer = torch.optim.Adam(self.model.parameters(), lr=learning_rate, weight_decay=self.training.weight_decay)
         mechanism = None
-        if self.dp_sgd is not None:
+        if self.dp_plan is not None:
             stats, mechanism, _ = train_dpsgd(
                 self.model,
                 self.train_cases.items,
                 self.preprocessing,
-                self.dp_sgd_for_round(current_round, total_rounds),
+                self.dp_plan.config,
                 optimizer,
                 self.device,
                 seed=self.training.seed + current_round,
@@ -343,34 +344,27 @@ class SiteTrainer:
             privacy=mechanism,
         )
 
-    def _optimizer_for_round(self, learning_rate: float) -> torch.optim.Optimizer:
-        """A fresh Adam, or with ``keep_optimizer_state`` the site's Adam of the last round at this round's rate."""
-        if self.training.keep_optimizer_state and self._kept_optimizer is not None:
-            for group in self._kept_optimizer.param_groups:
-                group["lr"] = learning_rate
-            return self._kept_optimizer
-        optimizer = torch.optim.Adam(self.model.parameters(), lr=learning_rate, weight_decay=self.training.weight_decay)
-        if self.training.keep_optimizer_state:
-            self._kept_optimizer = optimizer
-        return optimizer
+    def plan_round(
+        self, current_round: int, total_rounds: int | None, delta: float = DEFAULT_DELTA, accountant: str = "rdp"
+    ) -> Mechanism | None:
+        """Check that round ``current_round`` (0-based) can run and say what it will release (None without DP-SGD),
+        before any training: the caller checks the release against the site's budget.
 
-    def planned_privacy(self, current_round: int = 0, total_rounds: int | None = None) -> Mechanism | None:
-        """What DP-SGD round ``current_round`` (0-based) will release (None without DP-SGD), to check the budget
-        before training; the round matters only when the noise follows the learning rate."""
-        if self.dp_sgd is None:
+        With ``dp_sgd.target_epsilon`` the first call calibrates the noise for the rounds left, at the ``delta`` and
+        ``accountant`` of the site ledger.
+
+        Raises:
+            ValueError: the learning-rate schedule or the calibration needs ``total_rounds`` and did not get it, or
+                the DP-SGD settings do not fit this site (see ``DPSGDPlan.planned``).
+        """
+        self.training.learning_rate_for(current_round, total_rounds)
+        if self.dp_plan is None:
             return None
-        config = self.dp_sgd_for_round(current_round, total_rounds)
-        return config.mechanism(self.num_train_cases, config.steps_for(self.num_train_cases))
+        return self.dp_plan.planned(current_round, total_rounds, delta, accountant)
 
-    def dp_sgd_for_round(self, current_round: int, total_rounds: int | None) -> DPSGDConfig:
-        """The DP-SGD configuration round ``current_round`` trains with: the noise follows the learning rate when
-        ``noise_lr_exponent`` is set, so training and the budget check before it use this one method."""
-        return self.dp_sgd.for_learning_rate(self.training.learning_rate_fraction(current_round, total_rounds))
-
-    def learning_rate_ratios(self, first_round: int, total_rounds: int | None) -> list[float]:
-        """Each round's learning rate over the peak, from ``first_round`` (0-based) to the last: what a DP-SGD
-        calibration with ``noise_lr_exponent`` needs to know about the rounds to come."""
-        return [self.training.learning_rate_fraction(r, total_rounds) for r in range(first_round, total_rounds or 0)]
+    def privacy_details(self) -> dict:
+        """The DP-SGD settings to keep with a release in the site ledger (empty without DP-SGD)."""
+        return self.dp_plan.details() if self.dp_plan is not None else {}
 
     def _train_plain(self, optimizer: torch.optim.Optimizer, current_round: int, should_stop, progress) -> TrainStats:
         regulariser = None
