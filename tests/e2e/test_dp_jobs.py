@@ -145,7 +145,6 @@ def test_dpsgd_job_with_a_target_epsilon_calibrates_each_site_and_ends_within_it
     for site in SITES:
         write_site_budget(privacy / site, epsilon_budget=100.0, delta=DELTA)
     # Two patches per patient (augmentation multiplicity): the calibration and the ledger are those of one patient.
-    # The noise follows the cosine rate (1 then 0.5 of the peak over two rounds): round 2 gets twice round 1's sigma.
     overrides = {
         "sites_per_round": 2,
         "num_rounds": 2,
@@ -154,7 +153,6 @@ def test_dpsgd_job_with_a_target_epsilon_calibrates_each_site_and_ends_within_it
         "target_epsilon": 6.0,
         "patches_per_patient": 2,
         "lr_schedule": "cosine",
-        "noise_lr_exponent": 1.0,
     }
     workspace = simulate("unet3d_dpsgd", tiny_sites, privacy, tmp_path, overrides)
 
@@ -163,8 +161,7 @@ def test_dpsgd_job_with_a_target_epsilon_calibrates_each_site_and_ends_within_it
         entries = ledger(privacy, site).entries()
         assert [e.round for e in entries] == [0, 1]
         first, second = (e.noise_multiplier for e in entries)
-        assert first != 1.0, "the site's own calibrated sigma, not the job's default"
-        assert second == pytest.approx(2 * first), "round 2 runs at half the peak rate, so at twice the noise"
+        assert first == second != 1.0, "the site's own calibrated sigma for the whole job, not the job's default"
         assert {e.details["patches_per_patient"] for e in entries} == {2}
         final = max((r for r in records if r["site"] == site), key=lambda r: r["round"])
         assert 6.0 - 0.05 < final["epsilon"] <= 6.0

@@ -38,6 +38,6 @@ def test_dpsgd_job_uses_a_model_opacus_accepts_and_one_patch_per_patient():
     check_model_supports_dpsgd(build_model(preset), preset)
     assert DPSGDConfig.from_dict(learner["dp_sgd"]) is not None
     assert client["target_epsilon"] == 0, "the committed job trains with its noise_multiplier unless told otherwise"
-    assert learner["require_privacy_budget"] is True
+    assert learner["require_budget"] is True
     assert learner["preprocessing"]["samples_per_volume"] == 1
     assert json.loads((JOBS / "unet3d_dpsgd" / "meta.json").read_text())["name"] == "unet3d_dpsgd"

@@ -30,7 +30,6 @@ from fedseg3d.privacy.spend import PrivacySpend
 from fedseg3d.training.dpsgd import DPSGDConfig
 from fedseg3d.training.site_trainer import SiteTrainer, TrainingConfig
 
-LOG_EVERY_STEPS = 10
 # Why a site refuses a round: no budget, or one it cannot afford; an unreadable ledger; settings that do not fit it.
 REFUSALS = (PrivacyBudgetExceeded, PrivacyLedgerError, RuntimeError, FileNotFoundError, ValueError)
 
@@ -78,7 +77,6 @@ class SegmentationLearner(Learner):
         self.tb_writer: LogWriter | None = None
         self.site_name = "?"
 
-    # ----------------------------------------------------------------------------------------------- lifecycle
     def initialize(self, parts: dict, fl_ctx: FLContext) -> None:
         """Prepare the site's data. A data error is remembered, not raised: every task then fails with that
         message, so the server sees which site is broken and why while the other sites carry on."""
@@ -124,7 +122,6 @@ class SegmentationLearner(Learner):
         self.log_error(fl_ctx, f"refusing task: {self.setup_error}")
         return make_reply(ReturnCode.EXECUTION_EXCEPTION)
 
-    # ------------------------------------------------------------------------------------------------- tasks
     def train(self, data: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         """One FL round: global weights in, weight difference (shared keys only) out, weighted by case count."""
         if (reply := self._not_ready(fl_ctx)) is not None:
@@ -146,14 +143,9 @@ class SegmentationLearner(Learner):
         except REFUSALS as err:
             self.log_error(fl_ctx, f"site {self.site_name} refuses round {current_round + 1}: {err}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
-
-        def progress(step: int, loss: float) -> None:
-            if step % LOG_EVERY_STEPS == 0:
-                self.log_info(fl_ctx, f"round {current_round + 1}/{total_rounds} step {step}: loss {loss:.4f}")
-
         try:
             result = self.trainer.train_round(
-                weights, current_round, lambda: abort_signal.triggered, progress, total_rounds=total_rounds
+                weights, current_round, lambda: abort_signal.triggered, total_rounds=total_rounds
             )
         except FloatingPointError as err:
             self.log_error(fl_ctx, str(err))
@@ -229,11 +221,8 @@ class SegmentationLearner(Learner):
 
     def finalize(self, fl_ctx: FLContext) -> None:
         if self.trainer is not None:
-            trainer = self.trainer
-            self.log_info(fl_ctx, f"finished after {trainer.rounds_done} round(s); best local val Dice "
-                                  f"{trainer.best_local_dice:.4f}, models in {trainer.output_dir}")  # fmt: skip
+            self.log_info(fl_ctx, f"finished: {self.trainer.summary()}")
 
-    # --------------------------------------------------------------------------------------------- helpers
     def _received_weights(self, data: Shareable, fl_ctx: FLContext) -> dict | None:
         try:
             dxo = from_shareable(data)

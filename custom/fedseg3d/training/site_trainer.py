@@ -34,6 +34,7 @@ from fedseg3d.training.loops import EvalResult, TrainStats, evaluate, make_loss,
 logger = logging.getLogger(__name__)
 
 LR_SCHEDULES = ("constant", "cosine")
+LOG_EVERY_STEPS = 10
 
 
 @dataclass(frozen=True)
@@ -290,12 +291,14 @@ class SiteTrainer:
         """Load the global model (keeping local state), train locally, validate, and return the weight difference.
 
         ``total_rounds`` (the job's number of rounds) is needed only by an ``lr_schedule`` other than "constant".
+        ``progress(step, loss)`` is called after each step; by default every tenth step is logged.
 
         Raises:
             FloatingPointError: training diverged or the update is not finite; nothing must be sent then.
             ValueError: the learning-rate schedule needs ``total_rounds`` and did not get it.
         """
         learning_rate = self.training.learning_rate_for(current_round, total_rounds)
+        progress = progress or self._log_progress(current_round, total_rounds)
         self._adopt_first_local_state(global_weights)
         ignored = load_shared_state(self.model, self.split, global_weights)
         if ignored:
@@ -342,6 +345,21 @@ class SiteTrainer:
             local_eval=local_eval,
             metrics=metrics,
             privacy=mechanism,
+        )
+
+    def _log_progress(self, current_round: int, total_rounds: int | None):
+        def progress(step: int, loss: float) -> None:
+            if step % LOG_EVERY_STEPS == 0:
+                rounds = total_rounds or "?"
+                logger.info("%s: round %d/%s step %d: loss %.4f", self.site_name, current_round + 1, rounds, step, loss)
+
+        return progress
+
+    def summary(self) -> str:
+        """Where the site stands, for the end of a job."""
+        return (
+            f"{self.rounds_done} round(s) done; best local val Dice {self.best_local_dice:.4f}, "
+            f"models in {self.output_dir}"
         )
 
     def plan_round(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import pytest
@@ -25,29 +24,26 @@ DELTA = 1e-5
 PRESET = "unet3d_tiny_instancenorm"
 
 
-def make_learner(
-    tiny_sites, tmp_path, require_privacy_budget=True, training: dict | None = None, **dp_sgd
-) -> SegmentationLearner:
+def make_learner(tiny_sites, tmp_path, require_budget=True, training: dict | None = None, **dp_sgd):
     learner = SegmentationLearner(
         class_names={"0": "background", "1": "organ", "2": "lesion"},
         preprocessing={"roi_size": [16, 16, 16], "samples_per_volume": 1},
         training={"model_preset": PRESET, "keep_batchnorm_local": False, "amp": False} | (training or {}),
         tb_writer_id="",
         dp_sgd={"noise_multiplier": 1.0, "max_grad_norm": 1.0, "patients_per_step": 1, "steps_per_round": 2} | dp_sgd,
-        require_privacy_budget=require_privacy_budget,
+        require_budget=require_budget,
     )
     datalist = load_datalist(tiny_sites / "site-1" / "datalist.json", tiny_sites / "site-1", learner.class_names)
-    learner.site_name = "site-1"
-    learner.trainer = SiteTrainer(
-        "site-1",
-        datalist,
-        learner.class_names,
-        learner.preprocessing,
-        learner.training,
-        tmp_path / "models",
+    trainer = SiteTrainer(
+        "site-1", datalist, learner.class_names, learner.preprocessing, learner.training, tmp_path / "models",
         dp_sgd=learner.dp_sgd,
-    )
+    )  # fmt: skip
+    learner.start(trainer, site_config_dir=None)
     return learner
+
+
+def planned(learner: SegmentationLearner):
+    return learner.trainer.plan_round(0, 3)
 
 
 def train_task(round_: int, num_rounds: int | None = 3):
@@ -63,7 +59,7 @@ def test_round_is_charged_then_the_next_one_is_refused_and_the_ledger_is_left_al
     tiny_sites, tmp_path, monkeypatch, caplog
 ):
     learner = make_learner(tiny_sites, tmp_path)
-    one_round = epsilon_for([learner.trainer.planned_privacy()], DELTA)
+    one_round = epsilon_for([planned(learner)], DELTA)
     monkeypatch.setenv(PRIVACY_DIR_ENV, str(tmp_path / "privacy"))
     write_site_budget(tmp_path / "privacy" / "site-1", epsilon_budget=one_round * 1.001, delta=DELTA)
     ledger_path = tmp_path / "privacy" / "site-1" / "privacy_ledger.json"
@@ -94,33 +90,10 @@ def test_without_a_budget_dpsgd_refuses_unless_the_job_allows_job_only_accountin
     strict = make_learner(tiny_sites, tmp_path)
     assert strict.train(train_task(0), FLContext(), Signal()).get_return_code() == ReturnCode.EXECUTION_EXCEPTION
 
-    lenient = make_learner(tiny_sites, tmp_path, require_privacy_budget=False)
+    lenient = make_learner(tiny_sites, tmp_path, require_budget=False)
     dxo = from_shareable(lenient.train(train_task(0), FLContext(), Signal()))
     assert dxo.get_meta_prop("dp_scope") == "job"
-    assert dxo.get_meta_prop("dp_epsilon") == pytest.approx(epsilon_for([lenient.trainer.planned_privacy()], DELTA))
-
-
-def test_site_local_instance_norm_is_trained_under_dpsgd_but_never_sent(tiny_sites, tmp_path):
-    training = {"keep_instancenorm_local": True}
-    learner = make_learner(tiny_sites, tmp_path, require_privacy_budget=False, training=training)
-    local = set(learner.trainer.split.local)
-    assert local and all(".adn.N." in k for k in local)
-    before = {k: v.clone() for k, v in learner.trainer.model.state_dict().items() if k in local}
-    reply = learner.train(train_task(0), FLContext(), Signal())
-    assert reply.get_return_code() == ReturnCode.OK
-    sent = set(from_shareable(reply).data)
-    assert sent and not sent & local
-    after = learner.trainer.model.state_dict()
-    assert any(not (before[k] == after[k]).all() for k in local)  # trained at the site (clipped and noised)
-    learner.trainer.evaluate_weights(learner.trainer.shared_weights() | {k: before[k].numpy() * 0 for k in local})
-    assert all((learner.trainer.model.state_dict()[k] == after[k]).all() for k in local)  # a global never overwrites
-
-
-def test_keeping_instance_norm_local_needs_a_network_that_has_it(tiny_sites, tmp_path):
-    with pytest.raises(ValueError, match="keep_instancenorm_local is true but model preset 'unet3d_tiny' has no"):
-        make_learner(tiny_sites, tmp_path, training={"model_preset": "unet3d_tiny", "keep_instancenorm_local": True})
-    with pytest.raises(ValueError, match="keep_instancenorm_local must be true or false, got 'false'"):
-        make_learner(tiny_sites, tmp_path, training={"keep_instancenorm_local": "false"})
+    assert dxo.get_meta_prop("dp_epsilon") == pytest.approx(epsilon_for([planned(lenient)], DELTA))
 
 
 def test_learner_refuses_a_batch_norm_preset_for_dpsgd(tiny_sites, tmp_path):
@@ -151,54 +124,23 @@ def test_target_epsilon_calibrates_the_noise_once_and_the_job_ends_within_it(tin
     entries = PrivacyLedger(ledger_path).entries()
     sigmas = {entry.noise_multiplier for entry in entries}
     assert len(sigmas) == 1 and sigmas != {1.0}, "one calibrated sigma for the whole job, not the job's default"
-    assert learner.trainer.dp_sgd.noise_multiplier == sigmas.pop()
+    assert learner.trainer.dp_plan.config.noise_multiplier == sigmas.pop()
     assert epsilons[0] < epsilons[1] < epsilons[2] <= target
     assert epsilons[2] > target - 0.05
     assert {entry.details["target_epsilon"] for entry in entries} == {target}
 
 
 def test_target_epsilon_without_the_number_of_rounds_refuses_to_train(tiny_sites, tmp_path, monkeypatch, caplog):
-    learner = make_learner(tiny_sites, tmp_path, require_privacy_budget=False, target_epsilon=8.0)
+    learner = make_learner(tiny_sites, tmp_path, require_budget=False, target_epsilon=8.0)
     with caplog.at_level(logging.ERROR):
         reply = learner.train(train_task(0, num_rounds=None), FLContext(), Signal())
     assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
     assert learner.trainer.rounds_done == 0
     assert "dp_sgd.target_epsilon needs the job's number of rounds" in caplog.text
 
-    unreachable = make_learner(tiny_sites, tmp_path, require_privacy_budget=False, target_epsilon=1e-4)
-    unreachable.trainer.dp_sgd = unreachable.dp_sgd = dataclasses.replace(
-        unreachable.dp_sgd, patients_per_step=unreachable.trainer.num_train_cases
-    )  # rate 1: Opacus's search up to its largest sigma is quick without subsampling
+    patients = learner.trainer.num_train_cases  # rate 1: Opacus's search up to its largest sigma is quick then
+    unreachable = make_learner(tiny_sites, tmp_path, False, target_epsilon=1e-4, patients_per_step=patients)
     with caplog.at_level(logging.ERROR):
         reply = unreachable.train(train_task(0), FLContext(), Signal())
     assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
     assert "dp_sgd.target_epsilon=0.0001 cannot be calibrated" in caplog.text
-
-
-def test_noise_that_follows_the_learning_rate_is_calibrated_for_the_whole_schedule(tiny_sites, tmp_path, monkeypatch):
-    target = 6.0
-    learner = make_learner(
-        tiny_sites, tmp_path, training={"lr_schedule": "cosine"}, target_epsilon=target, steps_per_round=1,
-        noise_lr_exponent=1.0,
-    )  # fmt: skip
-    monkeypatch.setenv(PRIVACY_DIR_ENV, str(tmp_path / "privacy"))
-    write_site_budget(tmp_path / "privacy" / "site-1", epsilon_budget=100.0, delta=DELTA)
-
-    epsilons = []
-    for round_ in range(3):
-        reply = learner.train(train_task(round_, num_rounds=3), FLContext(), Signal())
-        assert reply.get_return_code() == ReturnCode.OK
-        epsilons.append(from_shareable(reply).get_meta_prop("dp_epsilon"))
-    entries = PrivacyLedger(tmp_path / "privacy" / "site-1" / "privacy_ledger.json").entries()
-    sigmas = [entry.noise_multiplier for entry in entries]
-    # Cosine over 3 rounds: the rate is 1, 0.75 and 0.25 of its peak, so the noise is 1, 4/3 and 4 times the base.
-    assert sigmas[1] / sigmas[0] == pytest.approx(4 / 3) and sigmas[2] / sigmas[0] == pytest.approx(4.0)
-    assert sigmas == pytest.approx(learner._calibration["noise_multipliers_by_round"])
-    assert sigmas[0] == learner.trainer.dp_sgd.noise_multiplier, "round 1 trains at the calibrated base"
-    assert epsilons[0] < epsilons[1] < epsilons[2] <= target
-    assert epsilons[2] > target - 0.05, "the whole schedule was calibrated to the target, not a safe guess"
-
-
-def test_noise_that_follows_a_constant_learning_rate_is_refused(tiny_sites, tmp_path):
-    with pytest.raises(ValueError, match="noise_lr_exponent is 1.0 but training.lr_schedule is 'constant'"):
-        make_learner(tiny_sites, tmp_path, noise_lr_exponent=1.0)

@@ -36,10 +36,10 @@ def learner_args():
 def learner(tiny_sites, tmp_path):
     learner = SegmentationLearner(**learner_args())
     datalist = load_datalist(tiny_sites / "site-1" / "datalist.json", tiny_sites / "site-1", learner.class_names)
-    learner.site_name = "site-1"
-    learner.trainer = SiteTrainer(
+    trainer = SiteTrainer(
         "site-1", datalist, learner.class_names, learner.preprocessing, learner.training, tmp_path / "models"
     )
+    learner.start(trainer, site_config_dir=None)
     return learner
 
 
@@ -129,10 +129,10 @@ def test_cosine_schedule_reads_the_round_from_the_task_and_refuses_a_task_withou
     args["training"] = {**args["training"], "learning_rate": 0.01, "lr_schedule": "cosine"}
     learner = SegmentationLearner(**args)
     datalist = load_datalist(tiny_sites / "site-1" / "datalist.json", tiny_sites / "site-1", learner.class_names)
-    learner.site_name = "site-1"
-    learner.trainer = SiteTrainer(
+    trainer = SiteTrainer(
         "site-1", datalist, learner.class_names, learner.preprocessing, learner.training, tmp_path / "models"
     )
+    learner.start(trainer, site_config_dir=None)
     shareable = task()
     shareable.set_header(AppConstants.CURRENT_ROUND, 1)  # round 1 of 2: half the rate
     reply = learner.train(shareable, FLContext(), Signal())

@@ -2,11 +2,9 @@ import numpy as np
 import pytest
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.instancenorm import _InstanceNorm
 
 from fedseg3d.models.local_state import (
     batchnorm_state_keys,
-    instancenorm_state_keys,
     load_shared_state,
     shared_state_numpy,
     split_local_state,
@@ -53,19 +51,6 @@ def test_fedbn_split_keeps_batchnorm_and_integer_buffers_local():
     assert not set(fedbn.shared) & bn
     assert set(fedavg.local) == {k for k in bn if k.endswith("num_batches_tracked")}
     assert set(fedbn.shared) | set(fedbn.local) == set(model.state_dict())
-
-
-def test_instancenorm_split_keeps_only_the_affine_parameters_local_and_only_when_asked():
-    model = build_model("unet3d_shallow_instancenorm")
-    keys = instancenorm_state_keys(model)
-    n_in = sum(isinstance(m, _InstanceNorm) for m in model.modules())
-    assert n_in > 0 and len(keys) == 2 * n_in  # weight and bias; instance norm tracks no running statistics
-    assert all(k.endswith((".weight", ".bias")) and ".adn.N." in k for k in keys)
-    assert split_local_state(model, keep_batchnorm_local=True).local == ()  # FedBN's flag alone: nothing local
-    split = split_local_state(model, keep_batchnorm_local=False, keep_instancenorm_local=True)
-    assert set(split.local) == keys
-    assert set(split.shared) == set(model.state_dict()) - keys
-    assert any("conv.weight" in k for k in split.shared)  # the convolutions are still shared
 
 
 def test_load_shared_state_never_touches_local_batchnorm():

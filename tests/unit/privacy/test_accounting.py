@@ -18,7 +18,6 @@ from fedseg3d.privacy.accounting import (
     cost_of,
     epsilon_for,
     noise_multiplier_for,
-    noise_multiplier_for_schedule,
     patient_dpsgd_mechanism,
     rounds_affordable,
     site_update_mechanism,
@@ -169,17 +168,3 @@ def test_privacy_package_does_not_import_nvflare():
             if isinstance(node, ast.ImportFrom):
                 names = [node.module or ""]
             assert not any(name.split(".")[0] == "nvflare" for name in names), f"{source} imports nvflare"
-
-
-def test_schedule_calibration_is_the_smallest_base_that_meets_the_target_by_the_accountant():
-    scales = [1.0, 1.5, 3.0]
-    base = noise_multiplier_for_schedule(8.0, 1e-5, 0.1, 50, scales)
-
-    def spent(b):
-        return epsilon_for([(b * s, 0.1, 50) for s in scales], 1e-5)
-
-    assert spent(base) <= 8.0 < spent(base * 0.998), "within the search's 0.1% of the smallest base"
-    assert noise_multiplier_for_schedule(8.0, 1e-5, 0.1, 50, [1.0, 1.0]) == noise_multiplier_for(8.0, 1e-5, 0.1, 100)
-    for bad in ([], [0.5, 1.0], [1.0, math.inf], [1.0, math.nan]):
-        with pytest.raises(ValueError, match="round_scales must be one finite factor >= 1 per round"):
-            noise_multiplier_for_schedule(8.0, 1e-5, 0.1, 50, bad)

@@ -81,29 +81,3 @@ def test_weights_for_another_number_of_classes_are_refused_before_any_data_is_re
     training = TrainingConfig(class_loss_weights=[1, 3])
     with pytest.raises(ValueError, match=r"class_loss_weights has 2 weight\(s\) but the job has 3 classes"):
         SiteTrainer("site-1", None, classes, PreprocessConfig(), training, tmp_path)  # type: ignore[arg-type]
-
-
-def test_dice_weight_zero_is_cross_entropy_alone():
-    torch.manual_seed(0)
-    logits = torch.randn((2, 3, 8, 8, 8))
-    a, b, _ = labels_with_and_without_lesion()
-    labels = torch.cat([a, b])
-    cross_entropy = torch.nn.functional.cross_entropy(logits, labels[:, 0])
-    assert torch.allclose(make_loss(dice_weight=0)(logits, labels), cross_entropy, atol=1e-6)
-    assert not torch.allclose(make_loss()(logits, labels), cross_entropy, atol=1e-3)
-    weighted = make_loss(WEIGHTS, dice_weight=0.5)
-    assert isinstance(weighted, PerCaseLoss) and weighted.loss.lambda_dice == 0.5
-
-
-def test_a_dice_weighted_loss_is_still_a_mean_of_per_case_terms():
-    _, b, c = labels_with_and_without_lesion()
-    loss = make_loss(dice_weight=0.2)
-    assert torch.allclose(gradient_of_case_a(loss, b), gradient_of_case_a(loss, c), atol=1e-7)
-
-
-@pytest.mark.parametrize("weight", [-0.1, True, "1"])
-def test_bad_dice_weights_are_refused(weight):
-    with pytest.raises(ValueError, match="dice_loss_weight must be a number >= 0"):
-        TrainingConfig(dice_loss_weight=weight)
-    with pytest.raises(ValueError, match="dice_loss_weight must be a number >= 0"):
-        make_loss(dice_weight=weight)

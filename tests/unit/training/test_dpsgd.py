@@ -143,7 +143,7 @@ def test_batch_norm_preset_is_refused_and_instance_norm_accepted():
     with pytest.raises(ValueError, match="unet3d_tiny.*cannot be trained with DP-SGD.*instancenorm"):
         check_model_supports_dpsgd(build_model("unet3d_tiny"), "unet3d_tiny")
     instance_norm = [name for name in PRESETS if name.endswith("_instancenorm")]
-    assert len(instance_norm) == 5  # every DP-SGD preset is checked, and the list is not silently empty
+    assert len(instance_norm) == 2  # every DP-SGD preset is checked, and the list is not silently empty
     for preset in instance_norm:
         check_model_supports_dpsgd(build_model(preset), preset)
 
@@ -154,22 +154,6 @@ def test_shallow_preset_has_about_a_quarter_of_the_parameters():
         build_model("unet3d_tiny_instancenorm")
     )
     assert 0.2 < ratio < 0.3
-
-
-def test_narrow_preset_has_about_a_quarter_of_the_shallow_parameters():
-    # Halving every width divides most conv weights by four; the narrow preset is there to test that lever.
-    ratio = count_parameters(build_model("unet3d_shallow_narrow_instancenorm")) / count_parameters(
-        build_model("unet3d_shallow_instancenorm")
-    )
-    assert 0.2 < ratio < 0.35
-
-
-def test_wide_preset_has_the_tiny_networks_parameter_count_within_a_tenth():
-    # The wide preset tests width against the noise at about the size of the FedBN reference's network.
-    ratio = count_parameters(build_model("unet3d_shallow_wide_instancenorm")) / count_parameters(
-        build_model("unet3d_tiny")
-    )
-    assert 0.9 < ratio < 1.1
 
 
 def run(config: DPSGDConfig, n_patients: int = 4, seed: int = 0):
@@ -309,30 +293,3 @@ def test_patches_per_patient_must_be_a_whole_number_of_at_least_one():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="patches_per_patient"):
             DPSGDConfig(patches_per_patient=bad)
-
-
-def test_noise_scale_follows_the_learning_rate_by_the_exponent():
-    config = DPSGDConfig(noise_multiplier=2.0, noise_lr_exponent=0.5)
-    assert config.noise_scale(1.0) == 1.0 and config.noise_scale(0.25) == pytest.approx(2.0)
-    assert config.for_learning_rate(0.25).noise_multiplier == pytest.approx(4.0)
-    assert DPSGDConfig(noise_multiplier=2.0).for_learning_rate(0.01).noise_multiplier == 2.0, "exponent 0: constant"
-    for bad in (0.0, -0.5, 1.5, math.nan, True):
-        with pytest.raises(ValueError, match="fraction in \\(0, 1\\] of the schedule's peak"):
-            config.noise_scale(bad)
-    for bad in (-1.0, math.inf, math.nan, True, "1"):
-        with pytest.raises(ValueError, match="dp_sgd.noise_lr_exponent must be a finite number >= 0"):
-            DPSGDConfig(noise_lr_exponent=bad)
-
-
-def test_calibration_with_the_noise_following_the_rate_spends_the_target_over_exactly_those_rounds():
-    config = DPSGDConfig(patients_per_step=8, passes_per_round=2, target_epsilon=8.0, noise_lr_exponent=1.0)
-    ratios = [1.0, 0.8, 0.5, 0.2]
-    base = config.calibrated(100, len(ratios), delta=1e-5, lr_ratios=ratios)
-    rounds = [base.for_learning_rate(r).mechanism(100, base.steps_for(100)) for r in ratios]
-    assert [m.noise_multiplier for m in rounds] == pytest.approx([base.noise_multiplier / r for r in ratios])
-    assert 8.0 - 0.05 < epsilon_for(rounds, 1e-5) <= 8.0
-    # Round 1 gets less noise than the same budget spread evenly: what the schedule is for.
-    flat = dataclasses.replace(config, noise_lr_exponent=0.0).calibrated(100, len(ratios), delta=1e-5)
-    assert base.noise_multiplier < flat.noise_multiplier
-    with pytest.raises(ValueError, match="one learning-rate ratio per round \\(4\\), got 3"):
-        config.calibrated(100, 4, delta=1e-5, lr_ratios=ratios[:3])

@@ -7,7 +7,6 @@ import numpy as np
 from fedseg3d.data.datalist import load_datalist
 from fedseg3d.data.transforms import PreprocessConfig
 from fedseg3d.models.presets import PresetUNet
-from fedseg3d.training.dpsgd import DPSGDConfig
 from fedseg3d.training.site_trainer import SiteTrainer, TrainingConfig
 
 CLASSES = {0: "background", 1: "organ", 2: "lesion"}
@@ -54,36 +53,3 @@ def test_a_fresh_server_model_changes_nothing(tiny_sites: Path, tmp_path: Path):
     trainer.evaluate_weights(_server_model())
     after = trainer.model.state_dict()
     assert all(np.array_equal(before[k].numpy(), after[k].numpy()) for k in before)
-
-
-def test_adam_state_stays_at_the_site_across_rounds_only_when_asked(tiny_sites: Path, tmp_path: Path):
-    datalist = _site1_datalist(tiny_sites)
-    prep = PreprocessConfig(roi_size=(16, 16, 16), intensity_mode="mr_percentile")
-    steps = {}
-    for keep in (False, True):
-        training = TrainingConfig(local_steps=2, keep_optimizer_state=keep, learning_rate=0.01, lr_schedule="cosine")
-        trainer = SiteTrainer("site-1", datalist, CLASSES, prep, training, tmp_path / str(keep), "cpu")
-        first = trainer._optimizer_for_round(0.01)
-        trainer.train_round(_server_model(), 0, total_rounds=2)
-        trainer.train_round(_server_model(), 1, total_rounds=2)
-        optimizer = trainer._optimizer_for_round(0.001)
-        steps[keep] = max(int(state["step"]) for state in optimizer.state.values()) if optimizer.state else 0
-        assert (optimizer is first) is keep
-        assert optimizer.param_groups[0]["lr"] == 0.001  # the round's rate, whether kept or fresh
-    assert steps == {False: 0, True: 4}  # kept: both rounds' steps are in its moments; fresh: none yet
-
-
-def test_adam_state_kept_under_dpsgd_holds_both_rounds_steps(tiny_sites: Path, tmp_path: Path):
-    # Opacus's DPOptimizer wraps the kept Adam afresh each round; the moments must live on in the Adam itself.
-    datalist = _site1_datalist(tiny_sites)
-    prep = PreprocessConfig(roi_size=(16, 16, 16), intensity_mode="mr_percentile", samples_per_volume=1)
-    preset = "unet3d_tiny_instancenorm"
-    training = TrainingConfig(model_preset=preset, keep_batchnorm_local=False, local_steps=2, keep_optimizer_state=True)
-    dp_sgd = DPSGDConfig(patients_per_step=2, noise_multiplier=1.0, max_grad_norm=1.0)
-    trainer = SiteTrainer("site-1", datalist, CLASSES, prep, training, tmp_path, "cpu", dp_sgd=dp_sgd)
-    server = {k: v.numpy().copy() for k, v in PresetUNet(preset, 3, seed=0).state_dict().items()}
-    for current_round in (0, 1):
-        result = trainer.train_round(server, current_round, total_rounds=2)
-        assert result.privacy is not None  # a DP-SGD round, charged as one
-    optimizer = trainer._optimizer_for_round(0.001)
-    assert max(int(state["step"]) for state in optimizer.state.values()) == 4
