@@ -17,13 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
-from nvflare.apis.fl_constant import ReservedKey
-from nvflare.apis.fl_context import FLContext
 
 from fedseg3d.filters import codecs
 from fedseg3d.filters.downlink_delta import GlobalModelDeltaDecoder, GlobalModelDeltaEncoder
 from fedseg3d.filters.quantize_filter import DequantizeFilter, QuantizeFilter
 from fedseg3d.tools.build_jobs import build_jobs
+from tests.unit.filters.test_downlink_delta import _ctx
 from tests.unit.test_job_configs import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -142,16 +141,6 @@ def built_filters(tmp_path: Path, overrides: dict) -> tuple[QuantizeFilter, Glob
     (quantize,) = (f for f in site_filters if f["path"].endswith(".QuantizeFilter"))
     (encode,) = (f for f in server_filters if f["path"].endswith(".GlobalModelDeltaEncoder"))
     return QuantizeFilter(**quantize["args"]), GlobalModelDeltaEncoder(**encode["args"])
-
-
-def _ctx(name: str, peer: str | None = None) -> FLContext:
-    fl_ctx = FLContext()
-    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, name, private=False, sticky=False)
-    if peer is not None:
-        peer_ctx = FLContext()
-        peer_ctx.set_prop(ReservedKey.IDENTITY_NAME, peer, private=False, sticky=False)
-        fl_ctx.set_peer_context(peer_ctx)
-    return fl_ctx
 
 
 @pytest.mark.parametrize("scheme", codecs.SCHEMES)
