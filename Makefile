@@ -7,6 +7,9 @@ SEED ?= 0
 DATA ?= data/synthetic
 WORKSPACE ?= workspace
 JOB ?= unet3d_fedbn
+# job knobs, space-separated: make sim JOB=unet3d_fedbn_quantized SET=scheme=int3
+SET ?=
+SET_ARGS = $(foreach s,$(SET),--set $(s))
 ROUNDS ?= 20
 LOCAL_EPOCHS ?= 4
 PYTEST_ARGS ?=
@@ -40,8 +43,8 @@ data: install ## write the synthetic multi-site data set (SITES, SEED, DATA)
 jobs: install ## assemble runnable jobs (config + package) into build/jobs
 	$(PY) -m fedseg3d.tools.build_jobs --out build/jobs
 
-sim: data ## run JOB in the FLARE simulator on 2 sites (DP jobs: budgets in WORKSPACE/privacy, EPSILON_BUDGET)
-	$(PY) -m fedseg3d.tools.build_jobs --out build/jobs --job $(JOB) --set sites_per_round=2 --min-clients 2
+sim: data ## run JOB (knobs: SET) in the FLARE simulator on 2 sites (DP jobs: budgets in WORKSPACE/privacy, EPSILON_BUDGET)
+	$(PY) -m fedseg3d.tools.build_jobs --out build/jobs --job $(JOB) --set sites_per_round=2 --min-clients 2 $(SET_ARGS)
 	$(PY) -m fedseg3d.tools.simulate build/jobs/$(JOB) --sites-root $(DATA) --sites site-1,site-2 --workspace $(WORKSPACE)/sim/$(JOB) \
 		--privacy-dir $(WORKSPACE)/privacy --default-budget $(EPSILON_BUDGET)
 	$(PY) -m fedseg3d.tools.report $(WORKSPACE)/sim/$(JOB)
@@ -54,7 +57,7 @@ bench-privacy: install ## Dice vs epsilon vs attack AUC of the DP jobs, writes d
 
 poc: data ## the main command: POC federation of SITES sites running JOB, live progress, Dice table
 	$(PY) poc/run_poc.py --job $(JOB) --data $(DATA) --workspace $(abspath $(WORKSPACE))/poc \
-		--set num_rounds=$(ROUNDS) --set local_epochs=$(LOCAL_EPOCHS)
+		--set num_rounds=$(ROUNDS) --set local_epochs=$(LOCAL_EPOCHS) $(SET_ARGS)
 
 test: install ## the test command: unit, simulator, POC, benchmark-quick and provisioned-deployment tests
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -70,7 +73,7 @@ add-site: install ## one more hospital with the existing root CA: make add-site 
 
 deploy-local: data ## provisioned kits on localhost: server + SITES sites, JOB submitted via the admin API (DEPLOY_ROUNDS)
 	$(PY) -m deploy.local --sites $(SITES) --data $(DATA) --workspace $(DEPLOY_WORKSPACE) --job $(JOB) \
-		--set num_rounds=$(DEPLOY_ROUNDS) --set local_epochs=$(LOCAL_EPOCHS) $(if $(DEPLOY_PORT),--port $(DEPLOY_PORT))
+		--set num_rounds=$(DEPLOY_ROUNDS) --set local_epochs=$(LOCAL_EPOCHS) $(SET_ARGS) $(if $(DEPLOY_PORT),--port $(DEPLOY_PORT))
 
 test-deploy: install ## provisioned-kit deployment and security tests on a free port (about 1.5 min)
 	$(PY) -m pytest -q tests/deploy $(PYTEST_ARGS)

@@ -4,20 +4,21 @@ Every variant runs the same FedBN job (same data, seeds, rounds and local steps)
 filters differ. Bytes come from the server's ``fedseg3d/message_sizes.jsonl`` (each message as serialised: what the
 server sends after its quantiser, what it receives before its dequantiser), Dice from the sites' validation of each
 round's incoming global model (``contributions.jsonl``) and from cross-site evaluation of the final global model
-(``cross_site_val/cross_val_results.json``, sent in float32 so it scores the model, not the codec). The float32 job
+(``cross_site_val/cross_val_results.json``, sent in float32 so it scores the model, not the codec).
 Every variant runs ``--repeats`` times; repeat i sets the sites' training seed (patch sampling, augmentation) and
 the rounding seed to i for every variant, so repeat i of two variants differ only in their filters. Single runs are
 too noisy to judge a 0.01 Dice change (two float32 runs with the same seeds differed by 0.018: FLARE aggregates in
 arrival order and the site threads race), so the report gives each variant's mean and spread over its repeats and
 the difference from float32 with a 95% confidence interval (Welch's t).
 
-Variants: ``fp32`` (``unet3d_fedbn``), ``fp16`` / ``int8`` / ``int4`` / ``int3`` / ``int2`` / ``topk`` (fedseg3d's
-filters, both directions, downlink as differences, one payload per message), and ``nvflare_fp16``: NVFlare's own
-``ModelQuantizer`` / ``ModelDequantizer`` (float16) in both directions. That one needs ``bitsandbytes``; its 8- and
-4-bit modes need CUDA, and it rejects int64 arrays, so the downlink drops ``num_batches_tracked`` with
-``ExcludeVars`` first (FedBN sites ignore norm state). ``int4_per_tensor`` is ``int4`` with one array per tensor
-(``single_payload`` false), the wire format before one payload per message, to show what the framing costs;
-``int3_no_ef`` is ``int3`` without the uplink's error feedback.
+Variants: ``fp32`` (``unet3d_fedbn``), ``fp16`` / ``int8`` / ``int4`` / ``int3`` / ``int2`` / ``topk``
+(``unet3d_fedbn_quantized`` built with ``--set scheme=...``: fedseg3d's filters, both directions, downlink as
+differences, one payload per message), and ``nvflare_fp16``: NVFlare's own ``ModelQuantizer`` / ``ModelDequantizer``
+(float16) in both directions. That one needs ``bitsandbytes``; its 8- and 4-bit modes need CUDA, and it rejects
+int64 arrays, so the downlink drops ``num_batches_tracked`` with ``ExcludeVars`` first (FedBN sites ignore norm
+state). ``int4_per_tensor`` is ``int4`` with one array per tensor (``single_payload`` false), the wire format before
+one payload per message, to show what the framing costs; ``int3_no_ef`` is ``int3`` without the uplink's error
+feedback.
 
 Usage:
     python benchmarks/compression.py [--rounds 10] [--local-steps 20] [--repeats 3] [--variants fp32,int8]
@@ -50,35 +51,23 @@ from fedseg3d.tools.build_jobs import build_jobs  # noqa: E402
 from fedseg3d.tools.simulate import run_simulation  # noqa: E402
 
 SITES = ["site-1", "site-2"]
-QUANT_JOB = "unet3d_fedbn_int8"
+# Every scheme is the one quantised job with ``--set`` overrides, as a user would build it.
+QUANT_JOB = "unet3d_fedbn_quantized"
 VARIANTS = {
     "fp32": ("unet3d_fedbn", {}),
     "nvflare_fp16": ("unet3d_fedbn", {}),
     # FLARE's default polling (the jobs ask every 0.25 s): a control for the float32 runs' spread.
     "fp32_slowpoll": ("unet3d_fedbn", {"task_request_interval": 2.0, "task_check_period": 0.5}),
-    # fp16 has no blocks: the filters refuse a block size rather than ignore it, hence the nulls.
-    "fp16": (
-        QUANT_JOB,
-        {
-            "uplink_scheme": "fp16",
-            "uplink_block_size": None,
-            "downlink_scheme": "fp16",
-            "downlink_block_size": None,
-            "downlink_full_scheme": "fp16",
-        },
-    ),
-    "int8": (QUANT_JOB, {}),
-    "int4": ("unet3d_fedbn_int4", {}),
-    "int3": ("unet3d_fedbn_int3", {}),
-    "int2": ("unet3d_fedbn_int3", {"uplink_scheme": "int2", "downlink_scheme": "int2"}),
-    "int4_per_tensor": ("unet3d_fedbn_int4", {"single_payload": False}),
+    "fp16": (QUANT_JOB, {"scheme": "fp16"}),
+    "int8": (QUANT_JOB, {"scheme": "int8"}),
+    "int4": (QUANT_JOB, {"scheme": "int4"}),
+    "int3": (QUANT_JOB, {"scheme": "int3"}),
+    "int2": (QUANT_JOB, {"scheme": "int2"}),
+    "int4_per_tensor": (QUANT_JOB, {"scheme": "int4", "single_payload": False}),
     # What the uplink's error feedback buys at 3 bits (the downlink always has it: differences from the site's copy).
-    "int3_no_ef": ("unet3d_fedbn_int3", {"error_feedback": False}),
-    "topk": ("unet3d_fedbn_topk", {}),
-    "topk20": ("unet3d_fedbn_topk", {"uplink_topk_fraction": 0.2, "downlink_topk_fraction": 0.2}),
-    # Which direction costs top-k its Dice: top-k one way, int8 the other.
-    "topk_up_int8_down": ("unet3d_fedbn_topk", {"downlink_scheme": "int8"}),
-    "int8_up_topk_down": ("unet3d_fedbn_topk", {"uplink_scheme": "int8"}),
+    "int3_no_ef": (QUANT_JOB, {"scheme": "int3", "error_feedback": False}),
+    "topk": (QUANT_JOB, {"scheme": "topk"}),
+    "topk20": (QUANT_JOB, {"scheme": "topk", "topk_fraction": 0.2}),
 }
 NVFLARE_Q = "nvflare.app_opt.pt.quantization.quantizer.ModelQuantizer"
 NVFLARE_DQ = "nvflare.app_opt.pt.quantization.dequantizer.ModelDequantizer"

@@ -36,8 +36,8 @@ def is_dp_job(job: str) -> bool:
 
 
 def is_quantised_job(job: str) -> bool:
-    """A job that compresses its messages (its byte figures differ from float32): one with an ``uplink_scheme``."""
-    return "uplink_scheme" in _site_knobs(job)
+    """A job that compresses its messages (its byte figures differ from float32): one with a ``scheme`` knob."""
+    return "scheme" in _site_knobs(job)
 
 
 @dataclass(frozen=True)

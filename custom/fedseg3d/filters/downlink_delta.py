@@ -67,6 +67,12 @@ def fingerprint(weights: Mapping[str, np.ndarray]) -> int:
     return crc
 
 
+# Codec of a full model (the first message to a site) when ``full_scheme`` is not given, per difference scheme. A full
+# model is weights, not a difference: at 3 or 2 bits a grid step is a third of a block's largest weight or all of it,
+# so those schemes send it at 4 bits; top-k would zero most of it, so top-k sends it at 8 bits.
+DEFAULT_FULL_SCHEME = {"fp16": "fp16", "int8": "int8", "int4": "int4", "int3": "int4", "int2": "int4", "topk": "int8"}
+
+
 def _check_scheme(name: str, scheme: Any, allowed: tuple[str, ...]) -> str:
     if scheme not in allowed:
         raise ValueError(f"GlobalModelDeltaEncoder: {name} must be one of {allowed}, got {scheme!r}")
@@ -81,7 +87,8 @@ class GlobalModelDeltaEncoder(DXOFilter):
         block_size: values per scale (blockwise schemes and top-k values); the codec default when None.
         topk_fraction: share of each tensor's entries sent by ``topk``.
         full_scheme: codec for a full model (first message to a site): ``fp16`` or a blockwise scheme (not top-k,
-            which would zero most of the model).
+            which would zero most of the model); ``DEFAULT_FULL_SCHEME[scheme]`` when None, so that changing
+            ``scheme`` alone gives a sound pair.
         seed: seeds the stochastic rounding, mixed with the site name.
         gap_store_id: id of a :class:`SiteGapStore` component: when set, the encoder records each site's gap
             (global model sent minus the site's reconstruction) there, for :class:`RebaseOnSiteCopy`, and resends
@@ -98,7 +105,7 @@ class GlobalModelDeltaEncoder(DXOFilter):
         scheme: str = "int8",
         block_size: int | None = None,
         topk_fraction: float = 0.1,
-        full_scheme: str = "int8",
+        full_scheme: str | None = None,
         seed: int = 0,
         gap_store_id: str = "",
         single_payload: bool = False,
@@ -108,8 +115,16 @@ class GlobalModelDeltaEncoder(DXOFilter):
             raise ValueError(f"GlobalModelDeltaEncoder: gap_store_id must be a string, got {gap_store_id!r}")
         self.gap_store_id = gap_store_id
         self.scheme = _check_scheme("scheme", scheme, codecs.SCHEMES)
+        if full_scheme is None:
+            full_scheme = DEFAULT_FULL_SCHEME[self.scheme]
         self.full_scheme = _check_scheme("full_scheme", full_scheme, ("fp16", *codecs.BLOCKWISE_BITS))
         check_codec_args("GlobalModelDeltaEncoder", block_size, topk_fraction, seed, single_payload)
+        if block_size is not None and "fp16" in (self.scheme, self.full_scheme):
+            # Refused here, at job start, rather than on the first message that uses the fp16 codec.
+            raise ValueError(
+                f"GlobalModelDeltaEncoder: block_size has no meaning for fp16 (scheme {self.scheme!r}, full_scheme "
+                f"{self.full_scheme!r}); leave it unset"
+            )
         self.single_payload = single_payload
         self.block_size = block_size
         self.topk_fraction = float(topk_fraction)

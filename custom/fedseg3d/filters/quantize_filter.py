@@ -10,8 +10,8 @@ Where they go in a job (filters run in the order listed)::
     server task_data_filters     [GlobalModelDeltaEncoder(scheme=...), MessageSizeRecorder("server_to_site")]
     site   task_data_filters     [DequantizeFilter(), GlobalModelDeltaDecoder()]
 
-(the downlink pair lives in :mod:`fedseg3d.filters.downlink_delta`; the jobs ``unet3d_fedbn_int8``/``_int4``/
-``_topk``/``_dp_int8`` wire all of it for the ``train`` task).
+(the downlink pair lives in :mod:`fedseg3d.filters.downlink_delta`; the jobs ``unet3d_fedbn_quantized`` and
+``unet3d_fedbn_dp_quantized`` wire all of it for the ``train`` task, the codec being their ``scheme`` knob).
 
 On the wire the DXO's kind is ``APP_DEFINED`` and the original kind is kept in the meta, so nothing downstream takes
 encoded containers for weights: a weight-diff filter misplaced after the quantiser (fedseg3d's ``GaussianDPFilter``)

@@ -184,6 +184,15 @@ def test_encoder_needs_the_requesting_site_and_valid_arguments():
         GlobalModelDeltaEncoder(scheme="int5")
     with pytest.raises(ValueError, match="topk_fraction"):
         GlobalModelDeltaEncoder(topk_fraction=0)
+    with pytest.raises(ValueError, match="block_size has no meaning for fp16"):  # refused at start, not in round 1
+        GlobalModelDeltaEncoder(scheme="int3", full_scheme="fp16", block_size=64)
+
+
+def test_the_full_model_codec_follows_the_scheme_unless_given():
+    assert GlobalModelDeltaEncoder(scheme="fp16").full_scheme == "fp16"
+    assert GlobalModelDeltaEncoder(scheme="int3").full_scheme == "int4"  # 3-bit full weights: a third of a block
+    assert GlobalModelDeltaEncoder(scheme="topk").full_scheme == "int8"  # top-k cannot send a full model
+    assert GlobalModelDeltaEncoder(scheme="int3", full_scheme="int8").full_scheme == "int8"
 
 
 class _Engine:
