@@ -125,7 +125,8 @@ class SegmentationLearner(Learner):
             site_name=self.site_name,
             datalist=datalist,
             class_names=self.class_names,
-            preprocessing=self.preprocessing,
+            # Site facts: the site's intensity handling replaces the job's; its label IDs map to the job's classes.
+            preprocessing=site_config.preprocessing_for(self.preprocessing),
             training=self.training,
             output_dir=output_dir,
             device=site_config.device,
@@ -133,6 +134,7 @@ class SegmentationLearner(Learner):
             dp_sgd=self.dp_sgd,
             # FedProx: FLARE's own proximal term (mu/2 * sum of squared parameter differences to the round's start).
             proximal_loss=PTFedProxLoss(mu=self.training.fedprox_mu) if self.training.fedprox_mu > 0 else None,
+            relabel=site_config.label_map.for_classes(self.class_names) if site_config.label_map else None,
         )
 
     def _not_ready(self, fl_ctx: FLContext) -> Shareable | None:

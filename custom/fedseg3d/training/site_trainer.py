@@ -11,6 +11,7 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,6 +163,7 @@ class SiteTrainer:
         dp_sgd: train with patient-level DP-SGD (``fedseg3d.training.dpsgd``) instead of the plain loop.
         proximal_loss: FedProx's term, a module called as ``proximal_loss(model, global_model)`` (FLARE's
             ``PTFedProxLoss`` has this signature); required when ``training.fedprox_mu > 0``.
+        relabel: maps the site's own label IDs to the job's class indices (``LabelMap.for_classes``), a site fact.
 
     Raises:
         ValueError: ``fedprox_mu > 0`` without a ``proximal_loss``, or together with ``dp_sgd``; ``class_crop_ratios``
@@ -180,6 +182,7 @@ class SiteTrainer:
         skip_bad_cases: bool = False,
         dp_sgd: DPSGDConfig | None = None,
         proximal_loss: torch.nn.Module | None = None,
+        relabel: Callable[[Path, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if training.fedprox_mu > 0 and proximal_loss is None:
             raise ValueError(f"training.fedprox_mu is {training.fedprox_mu} but no proximal_loss was given")
@@ -229,7 +232,7 @@ class SiteTrainer:
                     f"the noise follows the learning rate, so it would never change; use lr_schedule 'cosine' or set "
                     f"noise_lr_exponent to 0"
                 )
-        preparer = CasePreparer(preprocessing, num_classes=len(self.class_names))
+        preparer = CasePreparer(preprocessing, num_classes=len(self.class_names), relabel=relabel)
         self.train_cases: PreparedCases = prepare_cases(datalist.training, preparer, skip_bad_cases, "training")
         self.val_cases: PreparedCases = prepare_cases(datalist.validation, preparer, skip_bad_cases, "validation")
         self.best_local_dice = -math.inf
