@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedseg3d.data.errors import DataError
-from fedseg3d.data.realdata_sites import SITES, SiteRecipe, build_site
+from fedseg3d.data.realdata_sites import SITES, SiteRecipe, build_site, consortium_classes
 from fedseg3d.data.source_archive import PinnedArchive, extract_tree, fetch, read_text
 
 TOTALSEGMENTATOR = PinnedArchive(
@@ -62,6 +62,24 @@ def read_class_maps(archive: Path, pin: PinnedArchive) -> dict[str, dict[int, st
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "class_map" for t in node.targets):
             return ast.literal_eval(node.value)
     raise DataError(archive, f"{CLASS_MAP_FILE} has no class_map literal")
+
+
+def parse_classes(classes: Sequence[str]) -> dict[str, str]:
+    """Consortium class name -> TotalSegmentator structure, from ``liver`` or ``organ=liver`` entries.
+
+    Raises:
+        ValueError: no class, an empty name, a repeated name, or ``background`` (always class 0).
+    """
+    sources: dict[str, str] = {}
+    for entry in classes:
+        name, _, source = (part.strip() for part in entry.partition("="))
+        source = source or name
+        if not name or not source or name in sources or name == "background":
+            raise ValueError(f"classes must be distinct names or name=structure, not background; got {list(classes)}")
+        sources[name] = source
+    if not sources:
+        raise ValueError("classes is empty: give at least one foreground class")
+    return sources
 
 
 @dataclass(frozen=True)
@@ -98,7 +116,8 @@ def build_sites(
     Args:
         out_dir: parent folder of the sites (``--sites-root`` of the simulator).
         cache_dir: where the archive is downloaded once and reused.
-        classes: the consortium's foreground classes, by TotalSegmentator name; background is class 0.
+        classes: the consortium's foreground classes in order (background is class 0): TotalSegmentator names
+            (``liver``), or ``name=structure`` to give a structure the consortium's own name (``organ=liver``).
         sites: the site recipes to build.
         pin: the archive (tests pass a locally made one).
         progress: called with one line per step.
@@ -109,21 +128,20 @@ def build_sites(
     """
     started = time.perf_counter()
     say = progress or (lambda _line: None)
-    if not classes or len(set(classes)) != len(classes):
-        raise ValueError(f"classes must be distinct class names, got {list(classes)}")
+    sources = parse_classes(classes)
     out_dir = Path(out_dir)
     _prepare_out(out_dir)
     archive = fetch(pin, Path(cache_dir))
     say(f"archive {archive} (sha256 {pin.sha256})")
     class_maps = read_class_maps(archive, pin)
-    consortium = {0: "background", **{i + 1: name for i, name in enumerate(classes)}}
+    consortium = consortium_classes(sources)
     out_dir.mkdir(parents=True, exist_ok=True)
     site_dirs, summaries = [], []
     with tempfile.TemporaryDirectory(prefix="fedseg3d-realdata-") as tmp:
         reference = Path(tmp) / "reference_files"
         extract_tree(archive, pin, REFERENCE_FILES, reference)
         for recipe in sites:
-            site_dir, summary = build_site(recipe, reference, out_dir, consortium, class_maps)
+            site_dir, summary = build_site(recipe, reference, out_dir, sources, class_maps)
             site_dirs.append(site_dir)
             summaries.append(summary)
             say(f"{recipe.name}: {recipe.scanner} -> {site_dir}")
@@ -133,6 +151,7 @@ def build_sites(
         "source": {"package": pin.name, "version": pin.version, "sha256": pin.sha256, "files": REFERENCE_FILES},
         "labels_by": "TotalSegmentator model predictions (silver standard), not manual annotation",
         "classes": consortium,
+        "class_sources": sources,
         "sites": summaries,
     }
     (out_dir / "sites.json").write_text(json.dumps(sites_json, indent=2) + "\n")
@@ -149,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--classes",
         default=",".join(DEFAULT_CLASSES),
-        help="consortium foreground classes, TotalSegmentator names, comma-separated (default: %(default)s)",
+        help="consortium foreground classes in order, comma-separated: TotalSegmentator names, or name=structure "
+        "to use the consortium's own name (e.g. organ=liver); default: %(default)s",
     )
     parser.add_argument(
         "--sites", default=",".join(r.name for r in SITES), help="sites to build (default: %(default)s)"

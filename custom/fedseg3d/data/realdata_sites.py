@@ -65,56 +65,47 @@ class SiteRecipe:
     validation: Slab
 
 
+# A table: each recipe reads as one block.
+# fmt: off
 SITES = (
     # Organs lie in slices 66-111 of this abdomen-pelvis scan; the slabs keep 60-111 and validate in the middle,
     # where all four default classes are, training on both sides.
     SiteRecipe(
-        "site-1",
-        "CT, 3 mm isotropic, NIfTI (TotalSegmentator example_ct)",
-        "CT",
-        "example_ct.nii.gz",
-        "example_seg_fast_force_split.nii.gz",
-        "total",
-        CT_WINDOW,
-        training=(Slab(60, 84), Slab(100, 112)),
-        validation=Slab(86, 98),
+        "site-1", "CT, 3 mm isotropic, NIfTI (TotalSegmentator example_ct)", "CT", "example_ct.nii.gz",
+        label="example_seg_fast_force_split.nii.gz", task="total", intensity=CT_WINDOW,
+        training=(Slab(60, 84), Slab(100, 112)), validation=Slab(86, 98),
     ),
     SiteRecipe(
-        "site-2",
-        "Siemens Biograph40 mCT, CT DICOM series, 0.98 x 0.98 x 2 mm, 3 mm slices (example_ct_dicom)",
-        "CT",
-        "example_ct_dicom",
-        "example_seg_dicom.nii.gz",
-        "total",
-        CT_WINDOW,
-        training=(Slab(0, 12),),
-        validation=Slab(14, 20),
+        "site-2", "Siemens Biograph40 mCT, CT DICOM series, 0.98 x 0.98 x 2 mm, 3 mm slices (example_ct_dicom)",
+        "CT", "example_ct_dicom", label="example_seg_dicom.nii.gz", task="total", intensity=CT_WINDOW,
+        training=(Slab(0, 12),), validation=Slab(14, 20),
     ),
     SiteRecipe(
-        "site-3",
-        "MR, 3 mm isotropic, NIfTI (example_mr_sm)",
-        "MR",
-        "example_mr_sm.nii.gz",
-        "example_seg_mr.nii.gz",
-        "total_mr",
-        MR_PERCENTILES,
-        training=(Slab(0, 12),),
-        validation=Slab(14, 20),
+        "site-3", "MR, 3 mm isotropic, NIfTI (example_mr_sm)", "MR", "example_mr_sm.nii.gz",
+        label="example_seg_mr.nii.gz", task="total_mr", intensity=MR_PERCENTILES,
+        training=(Slab(0, 12),), validation=Slab(14, 20),
     ),
 )
+# fmt: on
 
 
-def site_label_map(recipe: SiteRecipe, consortium: dict[int, str], class_maps: dict[str, dict[int, str]]) -> dict:
-    """The site's ``label_map`` field: its own ID of each consortium class, from TotalSegmentator's class map.
+def consortium_classes(sources: dict[str, str]) -> dict[int, str]:
+    """Class index -> consortium name, background at 0, in the order ``sources`` lists the classes."""
+    return {0: "background", **{i + 1: name for i, name in enumerate(sources)}}
+
+
+def site_label_map(recipe: SiteRecipe, sources: dict[str, str], class_maps: dict[str, dict[int, str]]) -> dict:
+    """The site's ``label_map`` field: the site's own ID of each consortium class (``sources`` maps the consortium's
+    name to TotalSegmentator's), read from TotalSegmentator's class map for the site's task.
 
     Raises:
-        DataError: the site's task has no class of that name.
+        DataError: the site's task has no structure of that name.
     """
     ids = {name: site_id for site_id, name in class_maps[recipe.task].items()}
-    missing = [name for i, name in consortium.items() if i and name not in ids]
+    missing = [source for source in sources.values() if source not in ids]
     if missing:
-        raise DataError(recipe.label, f"classes {missing} are not in TotalSegmentator's '{recipe.task}' class map")
-    return {str(ids[name]): name for i, name in sorted(consortium.items()) if i}
+        raise DataError(recipe.label, f"{missing} are not in TotalSegmentator's '{recipe.task}' class map")
+    return {str(ids[source]): name for name, source in sources.items()}
 
 
 def _check_slabs(recipe: SiteRecipe, depth: int) -> None:
@@ -176,15 +167,18 @@ def build_site(
     recipe: SiteRecipe,
     reference: Path,
     out_dir: Path,
-    consortium: dict[int, str],
+    sources: dict[str, str],
     class_maps: dict[str, dict[int, str]],
 ) -> tuple[Path, dict[str, Any]]:
     """Write one site folder (images, labels, ``datalist.json``, ``site.json``) and return it with a summary.
+
+    ``sources`` maps each consortium class name to the TotalSegmentator structure it is made from.
 
     Raises:
         DataError: a slab is outside the scan or overlaps another, a case fails the training checks, or the
             validation slab holds no consortium class.
     """
+    consortium = consortium_classes(sources)
     label_img = nib.load(reference / recipe.label)
     _check_slabs(recipe, label_img.shape[2])
     site_dir = out_dir / recipe.name
@@ -199,7 +193,7 @@ def build_site(
         "datalist": "datalist.json",
         "num_threads": 1,
         "scanner": recipe.scanner,
-        "label_map": site_label_map(recipe, consortium, class_maps),
+        "label_map": site_label_map(recipe, sources, class_maps),
         "unmapped_labels": "background",  # TotalSegmentator labels ~100 other structures: not consortium classes
         "intensity": recipe.intensity,
     }
