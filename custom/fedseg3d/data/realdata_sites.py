@@ -21,8 +21,7 @@ import pydicom
 from fedseg3d.data.datalist import Case
 from fedseg3d.data.dataset import CasePreparer
 from fedseg3d.data.errors import DataError
-from fedseg3d.data.label_map import LabelMap
-from fedseg3d.data.site_config import SiteIntensity
+from fedseg3d.data.site_config import SiteConfig
 from fedseg3d.data.transforms import PreprocessConfig
 
 POSITION_TOL_MM = 0.01  # matching a DICOM slice to a label slice; slices here are 2 mm apart
@@ -208,9 +207,10 @@ def build_site(
     (site_dir / "site.json").write_text(json.dumps(site, indent=2) + "\n")
     (site_dir / "datalist.json").write_text(json.dumps(datalist, indent=2) + "\n")
 
-    intensity = SiteIntensity.from_raw(site_dir / "site.json", recipe.intensity)
-    preprocess = PreprocessConfig(intensity_mode=intensity.mode)
-    relabel = LabelMap.from_raw(site_dir / "site.json", site["label_map"], "background").for_classes(consortium)
+    # Read back through the site config reader, as a learner will: the written facts are the ones checked.
+    written = SiteConfig.from_file(site_dir / "site.json", site_name=recipe.name)
+    preprocess = written.preprocessing_for(PreprocessConfig())
+    relabel = written.label_map.for_classes(consortium)
     preparer = CasePreparer(preprocess, num_classes=len(consortium), relabel=relabel)
     voxels = {
         case: _class_voxels(preparer, Case(case, site_dir / e["image"], site_dir / e["label"]), consortium)
