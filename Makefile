@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 SITES ?= 4
 SEED ?= 0
 DATA ?= data/synthetic
+REALDATA ?= data/real
 WORKSPACE ?= workspace
 JOB ?= unet3d_fedbn
 # job knobs, space-separated: make sim JOB=unet3d_fedbn_quantized SET=scheme=int3
@@ -23,7 +24,7 @@ SITE ?=
 ORG ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install data jobs sim poc test test-unit test-e2e test-poc lint format clean provision add-site deploy-local test-deploy audit bench-privacy bench bench-quick bench-compression
+.PHONY: help install data realdata jobs sim poc test test-unit test-e2e test-poc lint format clean provision add-site deploy-local test-deploy audit bench-privacy bench bench-quick bench-compression
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -39,6 +40,9 @@ install: $(VENV)/.installed ## create the virtualenv and install pinned requirem
 
 data: install ## write the synthetic multi-site data set (SITES, SEED, DATA)
 	$(PY) -m fedseg3d.data.synthetic --out $(DATA) --sites $(SITES) --seed $(SEED)
+
+realdata: install ## fetch TotalSegmentator's pinned source archive through pip and build 3 real sites in REALDATA (docs/real_data.md)
+	$(PY) -m fedseg3d.data.realdata --out $(REALDATA)
 
 jobs: install ## assemble runnable jobs (config + package) into build/jobs
 	$(PY) -m fedseg3d.tools.build_jobs --out build/jobs

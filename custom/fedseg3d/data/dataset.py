@@ -7,6 +7,7 @@ before the first training step, with the file named, and each case is read from 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,10 +56,20 @@ class VolumeLoader:
 
 
 class CasePreparer:
-    """Turns a ``Case`` into a preprocessed ``{"image", "label"}`` dict, checking it on the way."""
+    """Turns a ``Case`` into a preprocessed ``{"image", "label"}`` dict, checking it on the way.
 
-    def __init__(self, cfg: PreprocessConfig, num_classes: int) -> None:
+    ``relabel(label_path, label)`` maps a site's own label IDs to the job's class indices before the label checks
+    (``LabelMap.for_classes``); ``None`` when the files already hold the job's indices.
+    """
+
+    def __init__(
+        self,
+        cfg: PreprocessConfig,
+        num_classes: int,
+        relabel: Callable[[Path, torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         self.num_classes = num_classes
+        self._relabel = relabel
         self._load = VolumeLoader()
         self._orient = orientation_transform()
         self._resample = resample_and_normalise_transform(cfg)
@@ -67,6 +78,8 @@ class CasePreparer:
         check_case_files(case)
         image = self._load(case.image)
         label = self._load(case.label)
+        if self._relabel is not None:
+            label = self._relabel(case.label, label)
         check_image_content(case.image, image)
         oriented = self._orient({"image": image, "label": label})
         check_same_geometry(case, oriented["image"], oriented["label"])

@@ -9,11 +9,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from monai.data import DataLoader, decollate_batch
+from monai.data import DataLoader
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
-from monai.metrics import DiceMetric
-from monai.networks.utils import one_hot
+
+from fedseg3d.training.dice import ClassDiceAccumulator
 
 logger = logging.getLogger(__name__)
 
@@ -138,10 +138,10 @@ def evaluate(
     amp: bool = False,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> EvalResult:
-    """Whole-volume Dice with sliding-window inference, per foreground class (classes absent from a case's ground
-    truth are left out of that class's mean rather than counted as 0 or 1)."""
-    num_classes = len(class_names)
-    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True, num_classes=num_classes)
+    """Whole-volume Dice with sliding-window inference, per foreground class. A class absent from a case's ground
+    truth counts 0 for that case when predicted and is left out when not (``fedseg3d.training.dice``): no NaN, no
+    free 1.0; a class that never counted is left out of ``class_dice`` and of the mean."""
+    dice = ClassDiceAccumulator(class_names)
     model.eval()
     for item in items:
         if should_stop():
@@ -150,12 +150,7 @@ def evaluate(
         label = item["label"].unsqueeze(0).to(device)
         with torch.autocast(device.type, enabled=amp):
             logits = sliding_window_inference(image, roi_size, sw_batch_size=4, predictor=model, overlap=0.25)
-        prediction = one_hot(torch.argmax(logits.float(), dim=1, keepdim=True), num_classes=num_classes)
-        metric(y_pred=decollate_batch(prediction), y=decollate_batch(one_hot(label, num_classes=num_classes)))
-    per_class = metric.aggregate()
-    metric.reset()
-    foreground = [class_names[i] for i in sorted(class_names) if i != 0]
-    class_dice = {name: float(v) for name, v in zip(foreground, per_class.tolist(), strict=True)}
-    finite = [v for v in class_dice.values() if math.isfinite(v)]
-    mean_dice = sum(finite) / len(finite) if finite else float("nan")
+        dice.add(torch.argmax(logits.float(), dim=1), label[:, 0].long())
+    class_dice = dice.result()
+    mean_dice = sum(class_dice.values()) / len(class_dice) if class_dice else float("nan")
     return EvalResult(mean_dice=mean_dice, class_dice=class_dice, cases=len(items))

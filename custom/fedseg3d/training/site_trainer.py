@@ -11,6 +11,7 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,6 +147,7 @@ class SiteTrainer:
         dp_sgd: train with patient-level DP-SGD (``fedseg3d.training.dpsgd``) instead of the plain loop.
         proximal_loss: FedProx's term, a module called as ``proximal_loss(model, global_model)`` (FLARE's
             ``PTFedProxLoss`` has this signature); required when ``training.fedprox_mu > 0``.
+        relabel: maps the site's own label IDs to the job's class indices (``LabelMap.for_classes``), a site fact.
 
     Raises:
         ValueError: ``fedprox_mu > 0`` without a ``proximal_loss``, or together with ``dp_sgd``; ``class_crop_ratios``
@@ -164,6 +166,7 @@ class SiteTrainer:
         skip_bad_cases: bool = False,
         dp_sgd: DPSGDConfig | None = None,
         proximal_loss: torch.nn.Module | None = None,
+        relabel: Callable[[Path, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if training.fedprox_mu > 0 and proximal_loss is None:
             raise ValueError(f"training.fedprox_mu is {training.fedprox_mu} but no proximal_loss was given")
@@ -197,7 +200,7 @@ class SiteTrainer:
         self.split = split_local_state(self.model, keep_batchnorm_local=training.keep_batchnorm_local)
         if dp_sgd is not None:
             check_model_supports_dpsgd(self.model, training.model_preset)
-        preparer = CasePreparer(preprocessing, num_classes=len(self.class_names))
+        preparer = CasePreparer(preprocessing, num_classes=len(self.class_names), relabel=relabel)
         self.train_cases: PreparedCases = prepare_cases(datalist.training, preparer, skip_bad_cases, "training")
         self.val_cases: PreparedCases = prepare_cases(datalist.validation, preparer, skip_bad_cases, "validation")
         self.dp_plan = DPSGDPlan(dp_sgd, self.num_train_cases, site_name) if dp_sgd is not None else None
@@ -242,13 +245,15 @@ class SiteTrainer:
             site_name=site.site_name,
             datalist=datalist,
             class_names=class_names,
-            preprocessing=preprocessing,
+            # Site facts: the site's intensity handling replaces the job's; its label IDs map to the job's classes.
+            preprocessing=site.preprocessing_for(preprocessing),
             training=training,
             output_dir=site.output_dir or default_output_dir,
             device=site.device,
             skip_bad_cases=site.skip_bad_cases,
             dp_sgd=dp_sgd,
             proximal_loss=proximal_loss,
+            relabel=site.label_map.for_classes(class_names) if site.label_map else None,
         )
 
     @property
