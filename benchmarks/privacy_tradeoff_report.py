@@ -32,7 +32,6 @@ def late_mean(row: dict[str, Any], rounds: int = LATE_ROUNDS) -> float | None:
     return sum(late) / len(late) if all(math.isfinite(v) for v in late) else None
 
 
-
 def verdict(rows: list[dict[str, Any]], goal_epsilon: float = 8.0, goal_loss: float = 0.02) -> list[str]:
     """Read the results against the goal (patient-level epsilon <= 8 loses at most 0.02 Dice vs FedBN), and, when a
     non-private row other than ``fedbn`` scored higher (``public_only`` rows aside), against that row too; then the
