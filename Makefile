@@ -56,7 +56,7 @@ sim: data ## run JOB (knobs: SET) in the FLARE simulator on 2 sites (DP jobs: bu
 audit: install ## membership-inference audit of the last `make sim` run of JOB (docs/privacy_audit.md)
 	$(PY) -m fedseg3d.tools.privacy_audit --run-dir $(WORKSPACE)/sim/$(JOB) --sites-root $(DATA)
 
-bench-privacy: install ## Dice vs epsilon vs attack AUC of the DP jobs, writes docs/privacy_benchmark.md (~20 min; BENCH_ARGS=--quick)
+bench-privacy: install ## Dice vs epsilon vs attack AUC of the DP jobs: docs/privacy_benchmark.{md,json,png} (~12 min; BENCH_ARGS=--quick)
 	$(PY) benchmarks/privacy_tradeoff.py $(BENCH_ARGS)
 
 poc: data ## the main command: POC federation of SITES sites running JOB, live progress, Dice table
@@ -95,7 +95,7 @@ lint: install ## ruff check and format check
 format: install ## apply ruff formatting and safe fixes
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
-bench-compression: install ## Dice vs bytes per scheme, 3 runs each (simulator, ~40 min on 2 cores): docs/compression_benchmark.md
+bench-compression: install ## Dice vs bytes per scheme, 3 runs each (simulator, ~40 min on 2 cores): docs/compression_benchmark.{md,json,png}
 	$(PY) benchmarks/compression.py --workspace $(WORKSPACE)/bench_compression
 
 clean: ## remove generated data, builds and workspaces (not the virtualenv)

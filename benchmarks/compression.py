@@ -5,6 +5,7 @@ filters differ. Bytes come from the server's ``fedseg3d/message_sizes.jsonl`` (e
 server sends after its quantiser, what it receives before its dequantiser), Dice from the sites' validation of each
 round's incoming global model (``contributions.jsonl``) and from cross-site evaluation of the final global model
 (``cross_site_val/cross_val_results.json``, sent in float32 so it scores the model, not the codec).
+
 Every variant runs ``--repeats`` times; repeat i sets the sites' training seed (patch sampling, augmentation) and
 the rounding seed to i for every variant, so repeat i of two variants differ only in their filters. Single runs are
 too noisy to judge a 0.01 Dice change (two float32 runs with the same seeds differed by 0.018: FLARE aggregates in
@@ -22,7 +23,10 @@ feedback.
 
 Usage:
     python benchmarks/compression.py [--rounds 10] [--local-steps 20] [--repeats 3] [--variants fp32,int8]
-        [--workspace workspace/bench_compression] [--out docs/compression_benchmark] [--resume] [--report-only]
+        [--workspace workspace/bench_compression] [--out-dir docs] [--resume] [--report-only]
+
+It writes the one current report, ``<out-dir>/compression_benchmark.md``, ``.json`` (every round of every run) and
+``.png`` (Dice against bytes).
 
 ``--resume`` keeps runs that already finished under ``--workspace`` (so variants can be added in later calls);
 ``--report-only`` summarises every finished run there without running anything.
@@ -46,6 +50,7 @@ sys.path[:0] = [str(REPO / "custom"), str(REPO)]
 from benchmarks.config import is_quantised_job  # noqa: E402
 from benchmarks.federated import read_jsonl  # noqa: E402
 from benchmarks.machine import describe, machine_info  # noqa: E402
+from benchmarks.report_plots import plot_compression_variants  # noqa: E402
 from fedseg3d.data.synthetic import generate_sites  # noqa: E402
 from fedseg3d.tools.build_jobs import build_jobs  # noqa: E402
 from fedseg3d.tools.simulate import run_simulation  # noqa: E402
@@ -67,8 +72,8 @@ VARIANTS = {
     # What the uplink's error feedback buys at 3 bits (the downlink always has it: differences from the site's copy).
     "int3_no_ef": (QUANT_JOB, {"scheme": "int3", "error_feedback": False}),
     "topk": (QUANT_JOB, {"scheme": "topk"}),
-    "topk20": (QUANT_JOB, {"scheme": "topk", "topk_fraction": 0.2}),
 }
+REPORT_NAME = "compression_benchmark"
 NVFLARE_Q = "nvflare.app_opt.pt.quantization.quantizer.ModelQuantizer"
 NVFLARE_DQ = "nvflare.app_opt.pt.quantization.dequantizer.ModelDequantizer"
 
@@ -234,19 +239,12 @@ def render(results: dict, meta: dict) -> str:
             f"{v['down_x']:.2f} | {v['down_streamed_x']:.2f} | {later} | {v['dice_mean']:.4f} | {sd} | "
             f"{diff} | {interval} |"
         )
-    lines += ["", "Every run: final Dice, seconds.", "", "| run | final Dice | seconds |", "| --- | ---: | ---: |"]
+    lines += ["", f"![Dice against bytes]({REPORT_NAME}.png)", ""]
+    lines += ["Every run: final Dice, seconds (bytes and Dice of every round are in the JSON).", ""]
+    lines += ["| run | final Dice | seconds |", "| --- | ---: | ---: |"]
     for run, r in results.items():
         seconds = "-" if r.get("seconds") is None else f"{r['seconds']:.0f}"
         lines.append(f"| {run} | {r['final_global_dice']:.4f} | {seconds} |")
-    lines += ["", "Per round (mean over sites): bytes up / down, Dice of the global model the sites received.", ""]
-    lines += ["| run | round | up bytes | down bytes | global Dice |", "| --- | ---: | ---: | ---: | ---: |"]
-    for name, r in results.items():
-        for p in r["per_round"]:
-            dice = p["global_dice_before_round"]
-            lines.append(
-                f"| {name} | {p['round']} | {p['up_bytes'] or 0:,.0f} | {p['down_bytes'] or 0:,.0f} | "
-                f"{'-' if dice is None else f'{dice:.4f}'} |"
-            )
     return "\n".join(lines) + "\n"
 
 
@@ -273,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--workspace", type=Path, default=REPO / "workspace" / "bench_compression")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "compression_benchmark")
+    parser.add_argument("--out-dir", type=Path, default=REPO / "docs", help="where the report is written")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--note", default="", help="a sentence added to the report (for example about the machine)")
     parser.add_argument("--resume", action="store_true", help="keep runs that already finished under --workspace")
@@ -286,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown or "fp32" not in names or args.repeats < 1:
         parser.error(f"variants must include fp32 and come from {sorted(VARIANTS)} (unknown: {unknown}); repeats >= 1")
     runs = [f"{name}#{i + 1}" for name in names for i in range(args.repeats)]
+    out = args.out_dir / REPORT_NAME
     if args.report_only:  # every finished run of a requested variant, whatever its number
         found = sorted((args.workspace / "runs").glob("*_*"))
         runs = ["#".join(d.name.rsplit("_", 1)) for d in found]  # "int3_no_ef_2" is run 2 of "int3_no_ef"
@@ -338,14 +337,15 @@ def main(argv: list[str] | None = None) -> None:
         "data_seed": args.data_seed,
         "note": args.note,
         "report_only": args.report_only,
-        "raw_numbers": os.path.relpath(args.out.with_suffix(".json"), REPO),
+        "raw_numbers": os.path.relpath(out.with_suffix(".json"), REPO),
     }
     summary = summarise_variants(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     raw = {"meta": meta, "variants": summary, "results": results}
-    args.out.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
+    plot_compression_variants(summary, out.with_suffix(".png"))
     table = render(results, meta)
-    args.out.with_suffix(".md").write_text(table)
+    out.with_suffix(".md").write_text(table)
     print(table)
 
 

@@ -17,26 +17,18 @@ this job's alone), and the server's initial model is seeded (``--seed``, or a ro
 workspace instead, so it never overwrites the committed figures). Each row also records the global model's Dice
 before every round, the noise multiplier each site trained with (from its ledger) and the site's sizes.
 
-Larger sites (issue 3's data lever): ``--cases-scale`` multiplies the patients per site, ``--patients-per-step`` sets
-DP-SGD's expected batch, ``--rounds`` / ``--local-epochs`` / ``--local-steps`` the data budget of every row, and
-``--target-epsilons 8,4`` replaces the fixed-sigma DP-SGD rows by rows whose sites calibrate their own noise
-multiplier to that epsilon for the whole job (the job's ``target_epsilon`` knob: Opacus's
-``get_noise_multiplier`` from the site's patient count, sampling rate, steps and delta). ``--row`` adds any job with
-any knobs (a lever, or a repeat with another seed), ``--report-name`` writes another report, and ``--merge`` keeps
-the rows of an earlier run of that report that this run does not redo (each row keeps its own command).
-
-Public pretraining (``--pretrain``, ``benchmarks/privacy_pretrain.py``): every row starts from a checkpoint of its
-network pretrained on public synthetic data disjoint from the private sites (``--public-sites``,
-``--public-cases-scale``, ``--pretrain-epochs``), and ``public_only_<preset>`` rows score each checkpoint alone. A
-row can also name its own ``initial_checkpoint`` knob.
+Options change the data and the budget of every row: ``--cases-scale`` multiplies the patients per site,
+``--patients-per-step`` sets DP-SGD's expected batch, ``--rounds`` / ``--local-epochs`` / ``--local-steps`` the
+local work, and ``--target-epsilons 8,4`` replaces the fixed-sigma DP-SGD rows by rows whose sites calibrate their
+own noise multiplier to that epsilon for the whole job (the job's ``target_epsilon`` knob). ``--row`` adds any job
+with any knobs, and ``--merge`` keeps the rows of the earlier report that this run does not redo (each row keeps
+its own command). Options other than the defaults make a report that does not compare with the committed one: give
+them an ``--out-dir`` of their own.
 
 Usage:
     python benchmarks/privacy_tradeoff.py [--quick] [--workspace workspace/bench-privacy] [--out-dir docs]
-    python benchmarks/privacy_tradeoff.py --cases-scale 8 --rounds 10 --local-epochs 1 --patients-per-step 16 \
-        --target-epsilons 8,4 --only fedbn,fedavg_instancenorm,dpsgd_eps8,dpsgd_eps4 \
-        --report-name privacy_benchmark_scaled
-    python benchmarks/privacy_tradeoff.py --cases-scale 8 ... --pretrain --pretrain-epochs 15 \
-        --report-name privacy_benchmark_pretrained --workspace workspace/bench-privacy-pretrained
+    python benchmarks/privacy_tradeoff.py --cases-scale 16 --rounds 10 --local-epochs 5 --patients-per-step 32 \
+        --target-epsilons 8 --out-dir workspace/bench-privacy-16x
 """
 
 from __future__ import annotations
@@ -60,18 +52,8 @@ sys.path[:0] = [str(REPO / "custom"), str(REPO)]  # run from a checkout without 
 from benchmarks.federated import job_variables, parse_run, seed_initial_model  # noqa: E402
 from benchmarks.machine import describe as describe_machine  # noqa: E402
 from benchmarks.machine import machine_info  # noqa: E402
-from benchmarks.privacy_pretrain import (  # noqa: E402
-    CHECKPOINT_KNOB,
-    PUBLIC_SEED_OFFSET,
-    PublicSettings,
-    build_checkpoints,
-    describe,
-    display_overrides,
-    job_preset,
-    public_only_row,
-    with_checkpoints,
-)
 from benchmarks.privacy_tradeoff_report import markdown, sigma_cell, verdict  # noqa: E402
+from benchmarks.report_plots import plot_privacy_rows  # noqa: E402
 from fedseg3d.data.site_config import SITES_ROOT_ENV  # noqa: E402
 from fedseg3d.data.synthetic import generate_sites  # noqa: E402
 from fedseg3d.privacy.accounting import PATIENT  # noqa: E402
@@ -85,6 +67,7 @@ from fedseg3d.tools.simulate import run_process_group, simulator_command  # noqa
 DELTA = 1e-5
 UNREACHABLE_BUDGET = 1e15  # the benchmark measures epsilon; it must not stop a run (nor a near-noiseless control)
 SITES = ["site-1", "site-2"]
+REPORT_NAME = "privacy_benchmark"  # the one current report: <out-dir>/privacy_benchmark.{md,json,png}
 
 
 @dataclass(frozen=True)
@@ -226,14 +209,14 @@ def run_config(config: Config, budget: Budget, sites_root: Path, workspace: Path
         "simulator_seconds": round(sim_seconds, 1),
         "audit_seconds": round(audit_seconds, 1),
         "load_average_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        "machine": describe_machine(machine_info()),  # rows folded from elsewhere keep where they ran
+        "machine": describe_machine(machine_info()),  # rows kept by --merge keep where they ran
     }
 
 
 def read_outcome(config: Config, root: Path) -> dict[str, Any]:
     """What the finished run under ``root`` (``<workspace>/<row name>``) measured, from its files alone: final Dice
     (mean, per site, per class), the global Dice before each round, epsilon, each site's DP-SGD parameters from its
-    ledger and its training time per round. ``--reread`` calls it again on a kept workspace (no simulator run).
+    ledger and its training time per round.
 
     Raises:
         FileNotFoundError: the run did not finish (no cross-site results).
@@ -329,83 +312,34 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
     return replace(base, **changes)
 
 
-def check_mergeable(
-    earlier: dict[str, Any],
-    budget: Budget,
-    cases: dict,
-    public_settings: dict[str, Any] | None = None,
-    source: str = "--merge: the earlier report",
-) -> None:
+def check_mergeable(earlier: dict[str, Any], budget: Budget, cases: dict) -> None:
     """Refuse to merge with a report whose rows would not compare; called before any run, so that a wrong
     ``--merge`` costs seconds, not the hour of simulator runs after which ``merge_rows`` would refuse it.
 
     Raises:
-        ValueError: the earlier report had another budget, other sites or other public pretraining.
+        ValueError: the earlier report had another budget or other sites.
     """
     if earlier.get("budget") != asdict(budget) or earlier.get("cases") != cases:
         raise ValueError(
-            f"{source}'s budget {earlier.get('budget')} / cases {earlier.get('cases')} differ "
+            f"--merge: the earlier report's budget {earlier.get('budget')} / cases {earlier.get('cases')} differ "
             f"from this run's {asdict(budget)} / {cases}; its rows would not compare"
         )
-    earlier_public = (earlier.get("pretraining") or {}).get("settings")
-    if earlier_public != public_settings:
-        raise ValueError(
-            f"{source}'s public pretraining {earlier_public} differs from this run's "
-            f"{public_settings}; its rows would not compare"
-        )
 
 
-def merge_rows(
-    earlier: dict[str, Any],
-    rows: list[dict[str, Any]],
-    budget: Budget,
-    cases: dict,
-    public_settings: dict[str, Any] | None = None,
-) -> list[dict]:
+def merge_rows(earlier: dict[str, Any], rows: list[dict[str, Any]], budget: Budget, cases: dict) -> list[dict]:
     """Rows of an earlier report that this run did not redo, in their order, then this run's new rows.
 
     Raises:
         ValueError: as ``check_mergeable``.
     """
-    check_mergeable(earlier, budget, cases, public_settings)
+    check_mergeable(earlier, budget, cases)
     new = {r["name"]: r for r in rows}
     merged = [new.pop(r["name"], {"command": earlier["command"], **r}) for r in earlier["rows"]]
     return merged + list(new.values())
 
 
-def fold_rows(folded: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``folded`` rows (from ``--rows-from`` reports, later ones winning on a shared name), then this run's rows,
-    which win over any folded row of their name."""
-    by_name = {r["name"]: r for r in folded}
-    by_name.update({r["name"]: r for r in rows})
-    return list(by_name.values())
-
-
-def public_settings_from_args(args: argparse.Namespace, budget: Budget) -> PublicSettings:
-    """The public data and pretraining of ``--pretrain``: its own seed, the private sites' volume size.
-
-    Raises:
-        ValueError: a value out of range, naming the option.
-    """
-    if args.pretrain_epochs < 1:
-        raise ValueError(f"--pretrain-epochs must be >= 1, got {args.pretrain_epochs}")
-    if args.public_sites < 1:
-        raise ValueError(f"--public-sites must be >= 1, got {args.public_sites}")
-    scale = budget.cases_scale if args.public_cases_scale is None else args.public_cases_scale
-    if not scale > 0:
-        raise ValueError(f"--public-cases-scale must be > 0, got {scale}")
-    return PublicSettings(
-        sites=args.public_sites,
-        seed=budget.seed + PUBLIC_SEED_OFFSET,
-        cases_scale=scale,
-        fov_mm=budget.fov_mm,
-        epochs=args.pretrain_epochs,
-        train_seed=budget.seed,
-    )
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Budget, list[Config]]:
+    """The options, the budget and the rows to run; exits with a message naming the option on a bad value."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, 3 configurations, smaller data")
     parser.add_argument("--workspace", type=Path, default=REPO / "workspace" / "bench-privacy")
@@ -426,41 +360,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--row", action="append", default=[], metavar="NAME:JOB[:knob=value,...]", help="an extra row (repeatable)"
     )
-    parser.add_argument("--report-name", default="privacy_benchmark", help="writes <out-dir>/<name>.md and .json")
-    parser.add_argument("--title", default="Privacy/utility benchmark", help="the report's heading")
     parser.add_argument("--merge", action="store_true", help="keep the earlier report's rows this run does not redo")
-    parser.add_argument(
-        "--rows-from",
-        action="append",
-        default=[],
-        type=Path,
-        metavar="REPORT.json",
-        help="fold in the rows of another report of the same budget and sites (e.g. one run in parallel in another "
-        "workspace), each with its own command; with --only '' nothing is run (repeatable)",
-    )
-    parser.add_argument(
-        "--reread",
-        action="store_true",
-        help="with --merge: re-read the selected rows' finished runs kept under the workspace with this code "
-        "(no simulator run; their command, attack AUC and timings stay those of the run)",
-    )
-    parser.add_argument(
-        "--pretrain", action="store_true", help="rows start from a checkpoint pretrained on public data (see above)"
-    )
-    parser.add_argument("--pretrain-epochs", type=int, default=15, help="pretraining passes over the public data")
-    parser.add_argument("--public-sites", type=int, default=1, help="public scanners pooled (1: bright lesions only)")
-    parser.add_argument(
-        "--public-cases-scale", type=float, default=None, help="size of each public scanner (default: --cases-scale)"
-    )
     args = parser.parse_args(argv)
     try:
         budget = budget_from_args(args)
         targets = [float(e) for e in args.target_epsilons.split(",")] if args.target_epsilons else None
         extra = [parse_row(text) for text in args.row]
-        public = public_settings_from_args(args, budget) if args.pretrain else None
     except ValueError as err:
         parser.error(str(err))
-    out_dir = args.out_dir or (args.workspace if args.quick else REPO / "docs")
     configs = configurations(args.quick, targets, extra)
     if len({c.name for c in configs}) != len(configs):
         parser.error(f"two rows share a name: {[c.name for c in configs]}")
@@ -470,53 +377,43 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"--only: unknown configuration(s) {unknown}; known: {[c.name for c in configs]}")
         configs = [c for c in configs if c.name in wanted]
-    json_path, md_path = out_dir / f"{args.report_name}.json", out_dir / f"{args.report_name}.md"
+    args.out_dir = args.out_dir or (args.workspace if args.quick else REPO / "docs")
+    return args, budget, configs
+
+
+def site_cases(sites_root: Path) -> dict[str, str]:
+    """Training/validation cases per site, as the report shows them (members/non-members of the attack)."""
+    cases = {}
+    for site in SITES:
+        datalist = json.loads((sites_root / site / "datalist.json").read_text())
+        cases[site] = f"{len(datalist['training'])}/{len(datalist['validation'])}"
+    return cases
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args, budget, configs = parse_args(argv)
+    json_path, md_path = args.out_dir / f"{REPORT_NAME}.json", args.out_dir / f"{REPORT_NAME}.md"
     earlier = json.loads(json_path.read_text()) if args.merge and json_path.is_file() else None
-    earlier_rows = {r["name"]: r for r in earlier["rows"]} if earlier else {}
-    if args.reread and not {c.name for c in configs} <= set(earlier_rows):
-        parser.error(f"--reread needs --merge and an earlier {json_path} with every selected row")
 
     started = time.perf_counter()
     sites_root = args.workspace / "data"
     generate_sites(
         sites_root, len(SITES), seed=budget.seed, fov_mm=budget.fov_mm, cases_scale=budget.cases_scale, dicom_sites=()
     )
-    cases = {}
-    for site in SITES:
-        datalist = json.loads((sites_root / site / "datalist.json").read_text())
-        cases[site] = f"{len(datalist['training'])}/{len(datalist['validation'])}"
+    cases = site_cases(sites_root)
     print(f"sites (training/validation cases): {cases}; budget {asdict(budget)}", flush=True)
-    folded = []
-    try:
-        if earlier is not None:
-            check_mergeable(earlier, budget, cases, asdict(public) if public else None)
-        for path in args.rows_from:
-            other = json.loads(path.read_text())
-            check_mergeable(other, budget, cases, asdict(public) if public else None, f"--rows-from {path}")
-            folded += [{"command": other["command"], **row} for row in other["rows"]]
-    except (OSError, ValueError) as err:
-        parser.error(str(err))
+    if earlier is not None:
+        try:
+            check_mergeable(earlier, budget, cases)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
     command = shlex.join(["python", "benchmarks/privacy_tradeoff.py", *argv])
-    rows, checkpoints = [], {}
-    if public is not None:
-        presets = sorted({job_preset(c.job, c.overrides) for c in configs if CHECKPOINT_KNOB not in c.overrides})
-        print(
-            f"[{time.perf_counter() - started:6.0f} s] public checkpoints for {presets}: {asdict(public)}", flush=True
-        )
-        checkpoints = build_checkpoints(public, presets, args.workspace, budget.seed)
-        configs = with_checkpoints(configs, checkpoints)
-        for preset, info in [] if args.reread else checkpoints.items():
-            row = public_only_row(preset, info, sites_root, SITES, command)
-            print(f"    {row['name']}: Dice {row['mean_dice']:.4f} {row['class_dice']}", flush=True)
-            rows.append(row)
+    rows = []
     for config in configs:
         print(f"[{time.perf_counter() - started:6.0f} s] {config.name}: {config.job} {config.overrides}", flush=True)
-        if args.reread:
-            outcome = read_outcome(config, args.workspace / config.name)
-            row = {**earlier_rows[config.name], **outcome, "reread_by": command}
-        else:
-            row = {"command": command, **run_config(config, budget, sites_root, args.workspace, args.timeout)}
-        row["overrides"] = display_overrides(row["overrides"])
+        row = {"command": command, **run_config(config, budget, sites_root, args.workspace, args.timeout)}
         eps = "-" if row["epsilon"] is None else f"{row['epsilon']:.3g} ({row['unit']})"
         print(
             f"    Dice {row['mean_dice']:.4f}  epsilon {eps}  sigma {sigma_cell(row)}  attack AUC "
@@ -525,28 +422,26 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
         rows.append(row)
-    if folded:
-        rows = fold_rows(folded, rows)
     if earlier is not None:
-        rows = merge_rows(earlier, rows, budget, cases, asdict(public) if public else None)
+        rows = merge_rows(earlier, rows, budget, cases)
     result = {
-        "title": args.title,
+        "title": "Privacy/utility benchmark",
         "command": command,
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_info(),
         "budget": asdict(budget),
         "cases": cases,
-        **({"pretraining": describe(public, checkpoints, (earlier or {}).get("pretraining"))} if public else {}),
         "rows": rows,
-        "verdict": verdict(rows, default_seed=budget.seed),
+        "verdict": verdict(rows),
         "total_seconds": round(time.perf_counter() - started, 1),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2) + "\n")
+    plot_privacy_rows(rows, json_path.with_suffix(".png"))
     report = markdown(result)
     md_path.write_text(report)
     print(report)
-    print(f"wrote {md_path} and .json")
+    print(f"wrote {md_path}, .json and .png")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Every relative link in the README, the guides and the job READMEs points at a file that exists and, where it
-names a section, at a heading of that file (GitHub's anchors). The guides cross-reference each other heavily, and a
-renamed section would otherwise break links without a word."""
+"""Every relative link in the README, the guides, the job READMEs and the research studies points at a file that
+exists and, where it names a section, at a heading of that file (GitHub's anchors). The guides cross-reference each
+other heavily, and a renamed section would otherwise break links without a word."""
 
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-DOCS = sorted([REPO / "README.md", *(REPO / "docs").rglob("*.md"), *(REPO / "jobs").glob("*/README.md")])
+DOCS = sorted(
+    [
+        REPO / "README.md",
+        *(REPO / "docs").rglob("*.md"),
+        *(REPO / "jobs").glob("*/README.md"),
+        *(REPO / "research").rglob("*.md"),
+    ]
+)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^\s*(```|~~~)")
 

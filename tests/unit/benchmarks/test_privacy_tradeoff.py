@@ -89,7 +89,6 @@ def test_bad_rows_are_refused(text):
         (["--cases-scale", "0"], "--cases-scale must be > 0"),
         (["--target-epsilons", "8,x"], "could not convert"),
         (["--only", "dpsgd_sigma1.2", "--target-epsilons", "8"], "unknown configuration"),
-        (["--only", "fedbn", "--reread"], "--reread needs --merge"),
     ],
 )
 def test_command_line_refuses_bad_values_before_running_anything(argv, message, tmp_path, capsys):
@@ -190,7 +189,6 @@ def test_markdown_shows_sigma_per_site_per_round_dice_and_every_command():
     }
     rows = [row("fedbn", 0.8) | {"per_round_dice": {"0": 0.1, "1": 0.5, "2": 0.8}, "command": "first"}, dp]
     result = {
-        "title": "Scaled",
         "command": "second",
         "date": "today",
         "total_seconds": 60.0,
@@ -202,7 +200,8 @@ def test_markdown_shows_sigma_per_site_per_round_dice_and_every_command():
         "verdict": verdict(rows),
     }  # fmt: skip
     text = markdown(result)
-    assert text.startswith("# Scaled") and "`first`" in text and "`second`" in text
+    assert text.startswith("# Privacy/utility benchmark") and "`first`" in text and "`second`" in text
+    assert "![Dice against epsilon](privacy_benchmark.png)" in text
     assert "| 1.15 / 1.32 |" in text and "7.995" in text and "| 7.2 / 4.5 |" in text
     assert "| dpsgd_eps8 | 0.060 | 0.200 | 0.600 |" in text and "| organ 0.900, lesion 0.010 |" in text
     assert "16 expected patients per step" in text and "2 synthetic sites" in text
@@ -288,32 +287,9 @@ def test_merge_with_a_report_of_another_budget_is_refused_before_any_run(tmp_pat
     out = tmp_path / "docs"
     out.mkdir()
     earlier = {"command": "x", "budget": {"rounds": 99}, "cases": {}, "rows": []}
-    (out / "report.json").write_text(json.dumps(earlier))
+    (out / "privacy_benchmark.json").write_text(json.dumps(earlier))
     monkeypatch.setattr("benchmarks.privacy_tradeoff.run_config", lambda *a, **k: pytest.fail("a run started"))
-    argv = ["--quick", "--merge", "--report-name", "report", "--out-dir", str(out), "--workspace", str(tmp_path / "w")]
+    argv = ["--quick", "--merge", "--out-dir", str(out), "--workspace", str(tmp_path / "w")]
     with pytest.raises(SystemExit):
         main(argv)
     assert "would not compare" in capsys.readouterr().err
-
-
-def test_rows_from_reports_run_elsewhere_are_folded_in_without_running_anything(tmp_path, capsys):
-    """Rows run in parallel in other workspaces become one report; later files win, another budget is refused."""
-    cases = {"site-1": "26/8", "site-2": "16/8"}  # what the default budget's sites hold
-    first = {"command": "run a", "budget": asdict(FULL), "cases": cases, "rows": [row("fedbn", 0.8), row("x", 0.5)]}
-    second = {**first, "command": "run b", "rows": [row("x", 0.6) | {"command": "the parallel run"}, row("y", 0.7)]}
-    (tmp_path / "a.json").write_text(json.dumps(first))
-    (tmp_path / "b.json").write_text(json.dumps(second))
-    out = tmp_path / "out"
-    args = ["--only", "", "--workspace", str(tmp_path / "ws"), "--out-dir", str(out), "--report-name", "r"]
-    main([*args, "--rows-from", str(tmp_path / "a.json"), "--rows-from", str(tmp_path / "b.json")])
-    result = json.loads((out / "r.json").read_text())
-    assert [(r["name"], r["mean_dice"], r["command"]) for r in result["rows"]] == [
-        ("fedbn", 0.8, "run a"),
-        ("x", 0.6, "the parallel run"),
-        ("y", 0.7, "run b"),
-    ]
-    assert "the parallel run" in (out / "r.md").read_text()
-    (tmp_path / "b.json").write_text(json.dumps({**second, "budget": {**second["budget"], "rounds": 99}}))
-    with pytest.raises(SystemExit):
-        main([*args, "--rows-from", str(tmp_path / "b.json")])
-    assert f"--rows-from {tmp_path / 'b.json'}'s budget" in capsys.readouterr().err
