@@ -36,7 +36,9 @@ def check_case_files(case: Case) -> None:
     if case.image.is_dir():
         check_dicom_series(case.image)
     elif not is_nifti(case.image):
-        raise DataError(case.image, "unsupported image format: expected a NIfTI file (.nii/.nii.gz) or a DICOM series folder")
+        raise DataError(
+            case.image, "unsupported image format: expected a NIfTI file (.nii/.nii.gz) or a DICOM series folder"
+        )
     if not case.label.exists():
         raise DataError(case.label, "label not found")
     if not case.label.is_file() or not is_nifti(case.label):
@@ -62,7 +64,9 @@ def check_label_content(path: Path, label: torch.Tensor, num_classes: int) -> No
         raise DataError(path, f"expected a single-channel 3D label map, got array shape {tuple(label.shape)}")
     values = torch.unique(label)
     if not torch.equal(values, torch.round(values)):
-        raise DataError(path, f"label has non-integer values, e.g. {values[values != torch.round(values)][:5].tolist()}")
+        raise DataError(
+            path, f"label has non-integer values, e.g. {values[values != torch.round(values)][:5].tolist()}"
+        )
     outside = [int(v) for v in values.tolist() if v < 0 or v >= num_classes]
     if outside:
         raise DataError(path, f"label values {outside} are outside the declared classes 0..{num_classes - 1}")
@@ -73,7 +77,8 @@ def check_same_geometry(case: Case, image: torch.Tensor, label: torch.Tensor) ->
     if tuple(image.shape[1:]) != tuple(label.shape[1:]):
         raise DataError(
             case.label,
-            f"label shape {tuple(label.shape[1:])} differs from image shape {tuple(image.shape[1:])} ({case.image.name})",
+            f"label shape {tuple(label.shape[1:])} differs from image shape {tuple(image.shape[1:])} "
+            f"({case.image.name})",
         )
     image_affine = np.asarray(image.affine, dtype=np.float64)
     label_affine = np.asarray(label.affine, dtype=np.float64)

@@ -48,7 +48,9 @@ def _case_id(image_rel: str) -> str:
 
 def _parse_entries(path: Path, split: str, entries: object, data_root: Path) -> tuple[Case, ...]:
     if not isinstance(entries, list):
-        raise DataError(path, f"field '{split}' must be a list of {{'image', 'label'}} objects, got {type(entries).__name__}")
+        raise DataError(
+            path, f"field '{split}' must be a list of {{'image', 'label'}} objects, got {type(entries).__name__}"
+        )
     cases = []
     for index, entry in enumerate(entries):
         where = f"{split}[{index}]"

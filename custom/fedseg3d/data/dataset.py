@@ -43,7 +43,9 @@ class VolumeLoader:
 
     def __init__(self) -> None:
         self._nifti = LoadImage(reader=NibabelReader(), image_only=True, ensure_channel_first=True)
-        self._dicom = LoadImage(reader=PydicomReader(**MONAI_DICOM_READER_ARGS), image_only=True, ensure_channel_first=True)
+        self._dicom = LoadImage(
+            reader=PydicomReader(**MONAI_DICOM_READER_ARGS), image_only=True, ensure_channel_first=True
+        )
 
     def __call__(self, path: Path) -> torch.Tensor:
         reader = self._dicom if path.is_dir() else self._nifti

@@ -72,7 +72,9 @@ class PreprocessConfig:
                 f"when crop_sampling is 'by_class', got {list(self.class_crop_ratios)}"
             )
         if self.intensity_mode not in INTENSITY_MODES:
-            raise ValueError(f"preprocessing.intensity_mode must be one of {INTENSITY_MODES}, got '{self.intensity_mode}'")
+            raise ValueError(
+                f"preprocessing.intensity_mode must be one of {INTENSITY_MODES}, got '{self.intensity_mode}'"
+            )
         if len(self.target_spacing) != 3 or min(self.target_spacing) <= 0:
             raise ValueError(f"preprocessing.target_spacing must be 3 positive numbers, got {self.target_spacing}")
         if len(self.roi_size) != 3 or min(self.roi_size) < 8:
@@ -82,7 +84,9 @@ class PreprocessConfig:
             raise ValueError(f"preprocessing.ct_window must be (low, high) with low < high, got {self.ct_window}")
         p_low, p_high = self.mr_percentiles
         if not 0 <= p_low < p_high <= 100:
-            raise ValueError(f"preprocessing.mr_percentiles must satisfy 0 <= low < high <= 100, got {self.mr_percentiles}")
+            raise ValueError(
+                f"preprocessing.mr_percentiles must satisfy 0 <= low < high <= 100, got {self.mr_percentiles}"
+            )
         if self.samples_per_volume < 1:
             raise ValueError(f"preprocessing.samples_per_volume must be >= 1, got {self.samples_per_volume}")
 

@@ -10,11 +10,12 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from fedseg3d.data.dicom import MONAI_DICOM_READER_ARGS, DicomSeriesInfo, check_dicom_series, write_dicom_series
-from fedseg3d.data.errors import DataError
 from monai.transforms import LoadImage, Orientation
 from pydicom.uid import BasicTextSRStorage, CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 from scipy.spatial.transform import Rotation
+
+from fedseg3d.data.dicom import MONAI_DICOM_READER_ARGS, DicomSeriesInfo, check_dicom_series, write_dicom_series
+from fedseg3d.data.errors import DataError
 
 SHAPE = (5, 6, 7)
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from monai.transforms import LoadImage, Orientation
+
 from fedseg3d.data.dicom import MONAI_DICOM_READER_ARGS, check_dicom_series
 from fedseg3d.data.synthetic import generate_case, generate_sites, grid_affine, main, make_profile
-from monai.transforms import LoadImage, Orientation
 
 TINY = {"fov_mm": 24.0, "cases_scale": 0.1}
 
