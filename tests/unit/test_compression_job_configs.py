@@ -19,6 +19,7 @@ QUANT_JOBS = [
     "unet3d_fedbn_dp_int8",
 ]
 F = "fedseg3d.filters."
+S = "fedseg3d.server."
 
 
 def chain(config: dict, key: str, task: str) -> list[str]:
@@ -41,14 +42,14 @@ def test_filter_order_for_training(job):
     assert chain(server, "task_result_filters", "train") == [
         F + "message_size.MessageSizeRecorder",
         F + "quantize_filter.DequantizeFilter",
-        F + "downlink_delta.RebaseOnSiteCopy",
+        S + "downlink_delta.RebaseOnSiteCopy",
     ]
-    stores = [c["id"] for c in server["components"] if c["path"] == F + "downlink_delta.SiteGapStore"]
+    stores = [c["id"] for c in server["components"] if c["path"] == S + "downlink_delta.SiteGapStore"]
     encoder = next(c for c in server["task_data_filters"] if "train" in c["tasks"])["filters"][0]
     rebase = next(c for c in server["task_result_filters"] if "train" in c["tasks"])["filters"][-1]
     assert stores == [encoder["args"]["gap_store_id"]] == [rebase["args"]["gap_store_id"]]
     assert chain(server, "task_data_filters", "train") == [
-        F + "downlink_delta.GlobalModelDeltaEncoder",
+        S + "downlink_delta.GlobalModelDeltaEncoder",
         F + "message_size.MessageSizeRecorder",
     ]
     assert chain(client, "task_data_filters", "train") == [
