@@ -1,11 +1,12 @@
 """Run the federation on this workstation in FLARE POC mode, the way a user would from the admin console.
 
-Steps: prepare a POC workspace from ``provisioning/project.yml`` (the same participant list as production) with the
-production kits' class allow-list (``provisioning/site_policies/*/resources.json``), point every site at its data
-(``local/fedseg3d_site.json``), start the server and sites, build the job from ``jobs/`` without code (the POC
-processes run this installed package, as hospitals do), submit it through the admin API as ``admin@consortium.org``,
-print progress (round k of n, per-site Dice) while it runs, download the results, print the Dice table, and stop
-everything -- also on Ctrl-C or an error, checking afterwards that no POC process is left and the port is free.
+Steps: prepare a POC workspace from ``provisioning/project.yml`` (the same participant list as production) with
+the production kits' resources and class allow-list (``provisioning/site_policies/*/resources.json``), point every
+site at its data (``local/fedseg3d_site.json``), start the server and sites, build the job from ``jobs/`` without
+code (the POC processes run this installed package, as hospitals do), submit it through the admin API as
+``admin@consortium.org``, print progress (round k of n, per-site Dice) while it runs, download the results, print
+the Dice table, and stop everything -- also on Ctrl-C or an error, checking afterwards that no POC process is left
+and the port is free.
 
 Writes, under ``--workspace``: the POC kits (``fedseg3d/prod_00/<participant>``, logs included), ``jobs/<job>``
 (the job as submitted), ``results/<job id>`` (the downloaded result) and ``fedseg3d_poc.json`` (what
@@ -32,6 +33,7 @@ from datetime import datetime
 from pathlib import Path
 
 from fedseg3d.data.site_config import SITE_CONFIG_FILENAME
+from fedseg3d.deploy import kits
 from fedseg3d.poc.control import (
     ADMIN_USER,
     DEFAULT_WORKSPACE,
@@ -51,38 +53,36 @@ from fedseg3d.tools.report import report
 POLICIES_DIR = PROJECT_FILE.parent / "site_policies"
 JOBS_DIR = Path("jobs")
 DONE_PREFIX = "FINISHED"
-# The part of a kit's resources.json that decides which classes a job without code may name.
-CLASS_LIST_KEYS = ("class_list_enforcement_mode", "class_allow_list")
 # FederatedServer's line for a site that joined, e.g. "2026-11-23 14:35:04,668 - FederatedServer - INFO - client
 # site-2 registered with site_config keys: [...]".
 REGISTERED_LINE = re.compile(r"^(?P<stamp>\S+ \S+) - FederatedServer - INFO - client (?P<site>\S+) registered")
 
 
-def install_class_allow_list(layout: PocLayout, policies_dir: Path = POLICIES_DIR) -> None:
-    """Give POC's server and sites the production kits' class allow-list, keeping POC's other resources.
+def install_production_resources(layout: PocLayout, policies_dir: Path = POLICIES_DIR) -> None:
+    """Give POC's server and sites the production kits' ``local/resources.json`` (``provisioning/site_policies``).
 
-    Why: POC's own list names only FLARE classes, so a job folder without code (what hospitals run, since their kits
-    allow ``fedseg3d.``) was refused with ``ComponentNotAuthorized`` on POC. The rest of each ``resources.json``
-    (job storage, launchers) stays POC's.
+    Why: POC's own resources allow only FLARE's classes, so a job folder without code (what hospitals run, since
+    their kits allow ``fedseg3d.``) was refused with ``ComponentNotAuthorized`` on POC; and POC turns on job log
+    streaming, whose component the production allow-list does not name. With the same file as the kits, a job that
+    runs on one runs on the other. Only resources: the privacy policy and budgets stay the POC runner's.
 
     Raises:
-        FileNotFoundError, ValueError: a template or POC resources file is missing or lacks the allow-list; the
-            message names the file.
+        FileNotFoundError: a template is missing, or POC did not write a participant's ``local/`` folder.
+        ValueError: a template is not JSON or has no ``class_allow_list``; the message names the file.
     """
     for name, kind in [(layout.server_name, "server"), *((site, "site") for site in layout.site_names)]:
-        template_file = policies_dir / kind / "resources.json"
-        template = json.loads(template_file.read_text())
-        missing = [key for key in CLASS_LIST_KEYS if key not in template]
-        if missing:
-            raise ValueError(f"{template_file}: missing {missing}")
-        local = layout.prod_dir / name / "local"
-        current = local / "resources.json"
-        source = current if current.is_file() else local / "resources.json.default"
-        if not source.is_file():
-            raise FileNotFoundError(f"{source} not found: did `nvflare poc prepare` write {name}'s kit?")
-        resources = json.loads(source.read_text())
-        resources.update({key: template[key] for key in CLASS_LIST_KEYS})
-        current.write_text(json.dumps(resources, indent=2) + "\n")
+        template = policies_dir / kind / "resources.json"
+        kit = layout.prod_dir / name
+        text = template.read_text().replace(kits.WORKSPACE_PLACEHOLDER, str(kit))
+        try:
+            allow_list = json.loads(text).get("class_allow_list")
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{template}: not valid JSON ({err})") from err
+        if not isinstance(allow_list, list) or not allow_list:
+            raise ValueError(f"{template}: field 'class_allow_list' must be a non-empty list")
+        if not (kit / "local").is_dir():
+            raise FileNotFoundError(f"{kit / 'local'} not found: did `nvflare poc prepare` write {name}'s kit?")
+        (kit / "local" / "resources.json").write_text(text)
 
 
 def prepare(
@@ -95,7 +95,7 @@ def prepare(
     privacy_delta: float = 1e-5,
     policies_dir: Path = POLICIES_DIR,
 ) -> None:
-    """``nvflare poc prepare -i project.yml``, the production class allow-list, and each started site's data config
+    """``nvflare poc prepare -i project.yml``, the production kits' resources, and each started site's data config
     and privacy budget in its ``local/``.
 
     In production a site's privacy budget is its own decision (hospital IT writes ``local/privacy_budget.json``); in
@@ -113,7 +113,7 @@ def prepare(
     log(f"preparing POC workspace {layout.workspace} from {project_file}")
     nvflare(["poc", "prepare", "-i", str(Path(project_file).resolve()), "--force"], layout.workspace)
     save_layout(layout)
-    install_class_allow_list(layout, policies_dir)
+    install_production_resources(layout, policies_dir)
     for site in sites:
         config = {
             "site_name": site,
