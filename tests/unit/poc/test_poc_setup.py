@@ -1,4 +1,5 @@
-"""POC gets the production kits' resources: a job folder without code is allowed on POC as on the kits."""
+"""POC as a user expects it: the kits' resources (a job folder without code runs), the record `fedseg3d poc stop`
+reads, and what `--keep-running` prints."""
 
 from __future__ import annotations
 
@@ -53,3 +54,13 @@ def test_the_recorded_layout_is_what_poc_stop_reads(prepared):
 def test_stop_without_a_recorded_poc_names_the_missing_file(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match=STATE_FILE):
         layout_of(tmp_path)
+
+
+def test_keep_running_names_the_console_a_plain_job_and_the_stop_command(prepared):
+    from fedseg3d.poc.runner import console_instructions
+
+    text = console_instructions(prepared, Path("jobs") / "unet3d_fedbn")
+    console = prepared.admin_kit() / "startup" / "fl_admin.sh"
+    assert console.is_file() and str(console) in text
+    assert f"submit_job {(Path('jobs') / 'unet3d_fedbn').resolve()}" in text
+    assert f"fedseg3d poc stop --workspace {prepared.workspace}" in text
