@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+FEDSEG3D := $(VENV)/bin/fedseg3d
 SITES ?= 4
 SEED ?= 0
 DATA ?= data/synthetic
@@ -24,7 +25,7 @@ SITE ?=
 ORG ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install data realdata jobs sim poc test test-unit test-e2e test-poc lint format clean provision add-site deploy-local test-deploy audit bench-privacy bench bench-quick bench-compression
+.PHONY: help install data realdata jobs sim poc poc-stop test test-unit test-e2e test-poc lint format clean provision add-site deploy-local test-deploy audit bench-privacy bench bench-quick bench-compression
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -39,29 +40,32 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 install: $(VENV)/.installed ## create the virtualenv and install pinned requirements and the package
 
 data: install ## write the synthetic multi-site data set (SITES, SEED, DATA)
-	$(PY) -m fedseg3d.data.synthetic --out $(DATA) --sites $(SITES) --seed $(SEED)
+	$(FEDSEG3D) data synthetic --out $(DATA) --sites $(SITES) --seed $(SEED)
 
 realdata: install ## fetch TotalSegmentator's pinned source archive through pip and build 3 real sites in REALDATA (docs/real_data.md)
-	$(PY) -m fedseg3d.data.realdata --out $(REALDATA)
+	$(FEDSEG3D) data real --out $(REALDATA)
 
 jobs: install ## assemble runnable jobs (config + package) into build/jobs
-	$(PY) -m fedseg3d.tools.build_jobs --out build/jobs
+	$(FEDSEG3D) build-jobs --out build/jobs
 
 sim: data ## run JOB (knobs: SET) in the FLARE simulator on 2 sites (DP jobs: budgets in WORKSPACE/privacy, EPSILON_BUDGET)
-	$(PY) -m fedseg3d.tools.build_jobs --out build/jobs --job $(JOB) --set sites_per_round=2 --min-clients 2 $(SET_ARGS)
-	$(PY) -m fedseg3d.tools.simulate build/jobs/$(JOB) --sites-root $(DATA) --sites site-1,site-2 --workspace $(WORKSPACE)/sim/$(JOB) \
+	$(FEDSEG3D) build-jobs --out build/jobs --job $(JOB) --set sites_per_round=2 --min-clients 2 $(SET_ARGS)
+	$(FEDSEG3D) simulate build/jobs/$(JOB) --sites-root $(DATA) --sites site-1,site-2 --workspace $(WORKSPACE)/sim/$(JOB) \
 		--privacy-dir $(WORKSPACE)/privacy --default-budget $(EPSILON_BUDGET)
-	$(PY) -m fedseg3d.tools.report $(WORKSPACE)/sim/$(JOB)
+	$(FEDSEG3D) report $(WORKSPACE)/sim/$(JOB)
 
 audit: install ## membership-inference audit of the last `make sim` run of JOB (docs/privacy_audit.md)
-	$(PY) -m fedseg3d.tools.privacy_audit --run-dir $(WORKSPACE)/sim/$(JOB) --sites-root $(DATA)
+	$(FEDSEG3D) audit --run-dir $(WORKSPACE)/sim/$(JOB) --sites-root $(DATA)
 
 bench-privacy: install ## Dice vs epsilon vs attack AUC of the DP jobs: docs/privacy_benchmark.{md,json,png} (~12 min; BENCH_ARGS=--quick)
 	$(PY) benchmarks/privacy_tradeoff.py $(BENCH_ARGS)
 
 poc: data ## the main command: POC federation of SITES sites running JOB, live progress, Dice table
-	$(PY) poc/run_poc.py --job $(JOB) --data $(DATA) --workspace $(abspath $(WORKSPACE))/poc \
+	$(FEDSEG3D) poc run --job $(JOB) --data $(DATA) --workspace $(abspath $(WORKSPACE))/poc \
 		--set num_rounds=$(ROUNDS) --set local_epochs=$(LOCAL_EPOCHS) $(SET_ARGS)
+
+poc-stop: install ## stop a POC left running (--keep-running) or interrupted: processes, port 8002
+	$(FEDSEG3D) poc stop --workspace $(abspath $(WORKSPACE))/poc
 
 test: install ## the test command: unit, simulator, POC, benchmark-quick and provisioned-deployment tests
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -70,13 +74,13 @@ test-unit: install ## unit tests only (seconds)
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
 provision: install ## signed mTLS startup kits for provisioning/project.yml in PROVISION, site policies in local/
-	$(PY) -m deploy.kits provision --workspace $(PROVISION)
+	$(FEDSEG3D) provision --workspace $(PROVISION)
 
 add-site: install ## one more hospital with the existing root CA: make add-site SITE=site-5 ORG=hospital_e
-	$(PY) -m deploy.kits add-site --name $(SITE) --org $(ORG) --workspace $(PROVISION)
+	$(FEDSEG3D) add-site --name $(SITE) --org $(ORG) --workspace $(PROVISION)
 
 deploy-local: data ## provisioned kits on localhost: server + SITES sites, JOB submitted via the admin API (DEPLOY_ROUNDS)
-	$(PY) -m deploy.local --sites $(SITES) --data $(DATA) --workspace $(DEPLOY_WORKSPACE) --job $(JOB) \
+	$(FEDSEG3D) deploy-local --sites $(SITES) --data $(DATA) --workspace $(DEPLOY_WORKSPACE) --job $(JOB) \
 		--set num_rounds=$(DEPLOY_ROUNDS) --set local_epochs=$(LOCAL_EPOCHS) $(SET_ARGS) $(if $(DEPLOY_PORT),--port $(DEPLOY_PORT))
 
 test-deploy: install ## provisioned-kit deployment and security tests on a free port (about 1.5 min)

@@ -1,6 +1,6 @@
 """Cost figures from a real POC deployment: registration time, process memory, round overhead, bytes.
 
-The federated job runs exactly as ``make poc`` runs it (``poc/run_poc.py``: project.yml, admin API submission), with
+The federated job runs exactly as ``make poc`` runs it (``fedseg3d poc run``: project.yml, admin API submission), with
 the benchmark's byte probes added. While it runs, a thread samples the resident memory (RSS) of every process of
 each participant (server or site: the parent, its job process and any helper, found by the participant's folder on
 their command line) every ``SAMPLE_SECONDS``; the peak of the per-participant sum is reported.
@@ -25,7 +25,8 @@ import psutil
 
 from benchmarks.config import BenchConfig
 from benchmarks.federated import FederatedResult, build_bench_job, parse_run
-from poc.run_poc import load_layout, prepare, start, stop, submit_and_wait
+from fedseg3d.poc.control import load_layout, stop
+from fedseg3d.poc.runner import prepare, start, submit_and_wait
 
 PORTS_LOCK = Path("/tmp/fedseg3d-ports.lock")
 SAMPLE_SECONDS = 0.5

@@ -16,8 +16,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from deploy import kits
-from deploy.local import (
+from fedseg3d.deploy import kits
+from fedseg3d.deploy.local import (
     LocalDeployment,
     free_port,
     port_in_use,

@@ -18,24 +18,26 @@ import numpy as np
 import pytest
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 
-from fedseg3d.filters import codecs
-from fedseg3d.filters.downlink_delta import GlobalModelDeltaDecoder, GlobalModelDeltaEncoder
+from fedseg3d.compression import codecs
+from fedseg3d.filters.downlink_delta import GlobalModelDeltaDecoder
 from fedseg3d.filters.quantize_filter import DequantizeFilter, QuantizeFilter
+from fedseg3d.server.downlink_delta import GlobalModelDeltaEncoder
 from fedseg3d.tools.build_jobs import build_jobs
-from tests.unit.filters.test_downlink_delta import _ctx
+from tests.unit.server.test_downlink_delta import _ctx
 from tests.unit.test_job_configs import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 # quantised job -> the job it compresses
 QUANT_JOBS = {"unet3d_fedbn_quantized": "unet3d_fedbn", "unet3d_fedbn_dp_quantized": "unet3d_fedbn_dp"}
 F = "fedseg3d.filters."
+S = "fedseg3d.server."
 COMPRESSION_PATHS = {
     F + "quantize_filter.QuantizeFilter",
     F + "quantize_filter.DequantizeFilter",
-    F + "downlink_delta.GlobalModelDeltaEncoder",
+    S + "downlink_delta.GlobalModelDeltaEncoder",
     F + "downlink_delta.GlobalModelDeltaDecoder",
-    F + "downlink_delta.RebaseOnSiteCopy",
-    F + "downlink_delta.SiteGapStore",
+    S + "downlink_delta.RebaseOnSiteCopy",
+    S + "downlink_delta.SiteGapStore",
 }
 COMPRESSION_KNOBS = {"scheme", "block_size", "topk_fraction", "full_scheme", "error_feedback", "quant_seed"}
 COMPRESSION_KNOBS |= {"single_payload"}
@@ -99,14 +101,14 @@ def test_filter_order_for_training(job):
     assert chain(server, "task_result_filters", "train") == [
         F + "message_size.MessageSizeRecorder",
         F + "quantize_filter.DequantizeFilter",
-        F + "downlink_delta.RebaseOnSiteCopy",
+        S + "downlink_delta.RebaseOnSiteCopy",
     ]
-    stores = [c["id"] for c in server["components"] if c["path"] == F + "downlink_delta.SiteGapStore"]
+    stores = [c["id"] for c in server["components"] if c["path"] == S + "downlink_delta.SiteGapStore"]
     encoder = next(c for c in server["task_data_filters"] if "train" in c["tasks"])["filters"][0]
     rebase = next(c for c in server["task_result_filters"] if "train" in c["tasks"])["filters"][-1]
     assert stores == [encoder["args"]["gap_store_id"]] == [rebase["args"]["gap_store_id"]]
     assert chain(server, "task_data_filters", "train") == [
-        F + "downlink_delta.GlobalModelDeltaEncoder",
+        S + "downlink_delta.GlobalModelDeltaEncoder",
         F + "message_size.MessageSizeRecorder",
     ]
     assert chain(client, "task_data_filters", "train") == [

@@ -13,8 +13,11 @@ ever seen in training. Label IDs stay the site's own (TotalSegmentator's 117 CT 
 ``site.json`` maps them to the consortium's classes (``label_map``) and says how to scale its intensities. The
 labels were made by a model, not by people (silver standard).
 
-Usage:
-    python -m fedseg3d.data.realdata --out data/real [--cache DIR] [--classes spleen,liver,stomach,pancreas]
+It writes ``<out>/site-N/`` (images, labels, ``datalist.json``, ``site.json``) and ``<out>/sites.json`` (the source,
+its hash, the classes and each site's split). Nothing is downloaded at training time.
+
+Example:
+    fedseg3d data real --out data/real [--cache DIR] [--classes spleen,liver,stomach,pancreas]
 """
 
 from __future__ import annotations
@@ -158,10 +161,10 @@ def build_sites(
     return BuildResult(site_dirs=site_dirs, archive=archive, seconds=time.perf_counter() - started)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     """CLI entry point; see the module docstring."""
     parser = argparse.ArgumentParser(
-        description="Fetch TotalSegmentator's pinned source archive through pip and build real multi-site data.",
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per site)")
     parser.add_argument("--cache", type=Path, default=default_cache(), help="archive cache (default: %(default)s)")

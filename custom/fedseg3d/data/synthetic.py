@@ -9,9 +9,12 @@ Anatomy is drawn in world (RAS mm) coordinates and then sampled on each site's v
 spacing change the arrays but never the patient: labels stay exact for any affine. Everything is a function of
 the seed, site index and case index, so runs are reproducible and cases can be generated in any order.
 
-CLI::
+Writes ``<out>/<site>/`` per hospital: NIfTI (or DICOM) images and labels, ``datalist.json`` (training and
+validation cases) and ``site.json`` (labels, intensity); ``<out>/dataset.json`` describes the whole set.
 
-    python -m fedseg3d.data.synthetic --out data/synthetic --sites 4 --seed 0 [--fov-mm 64] [--cases-scale 1.0]
+Example::
+
+    fedseg3d data synthetic --out data/synthetic --sites 4 --seed 0 [--fov-mm 64] [--cases-scale 1.0]
         [--dicom-sites site-2]
 """
 
@@ -296,9 +299,11 @@ def generate_sites(
     return site_dirs
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     """CLI entry point; see the module docstring."""
-    parser = argparse.ArgumentParser(description="Generate synthetic multi-site 3D segmentation data.")
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per site)")
     parser.add_argument("--sites", type=int, default=4, help="number of sites")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,7 +1,7 @@
 """FLARE filters that quantise model updates on the sender and restore them on the receiver, on CPU.
 
 NVFlare's ``ModelQuantizer`` needs ``bitsandbytes`` and a GPU for its 8- and 4-bit modes and rejects int64 tensors;
-these use the pure-numpy codecs in :mod:`fedseg3d.filters.codecs` and let non-float arrays through untouched.
+these use the pure-numpy codecs in :mod:`fedseg3d.compression.codecs` and let non-float arrays through untouched.
 
 Where they go in a job (filters run in the order listed)::
 
@@ -10,8 +10,9 @@ Where they go in a job (filters run in the order listed)::
     server task_data_filters     [GlobalModelDeltaEncoder(scheme=...), MessageSizeRecorder("server_to_site")]
     site   task_data_filters     [DequantizeFilter(), GlobalModelDeltaDecoder()]
 
-(the downlink pair lives in :mod:`fedseg3d.filters.downlink_delta`; the jobs ``unet3d_fedbn_quantized`` and
-``unet3d_fedbn_dp_quantized`` wire all of it for the ``train`` task, the codec being their ``scheme`` knob).
+(the downlink pair lives in :mod:`fedseg3d.server.downlink_delta` and :mod:`fedseg3d.filters.downlink_delta`; the
+jobs ``unet3d_fedbn_quantized`` and ``unet3d_fedbn_dp_quantized`` wire all of it for the ``train`` task, the codec
+being their ``scheme`` knob).
 
 On the wire the DXO's kind is ``APP_DEFINED`` and the original kind is kept in the meta, so nothing downstream takes
 encoded containers for weights: a weight-diff filter misplaced after the quantiser (fedseg3d's ``GaussianDPFilter``)
@@ -42,7 +43,7 @@ from nvflare.apis.dxo_filter import DXOFilter
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
-from fedseg3d.filters import codecs
+from fedseg3d.compression import codecs
 
 QUANT_META_KEY = "fedseg3d_quantization"
 # DXO key of the one packed container when a filter runs with ``single_payload`` (see ``codecs.pack_containers``).

@@ -4,8 +4,11 @@ What runs is what is committed: the simulator, POC and the tests all submit the 
 hand-edited copy. ``--set name=value`` overrides a top-level variable of the job's config files (FLARE substitutes
 ``{name}`` wherever it is used), so a test can shorten a run without a second copy of the job.
 
-Usage:
-    python -m fedseg3d.tools.build_jobs [--jobs-dir jobs] [--out build/jobs] [--job NAME ...] [--set num_rounds=2]
+Writes one folder per job under ``--out``: ``meta.json``, ``app/config`` with the overrides applied and, unless
+``--no-code``, the package in ``app/custom`` (for sites that do not have it installed).
+
+Example:
+    fedseg3d build-jobs [--jobs-dir jobs] [--out build/jobs] [--job NAME ...] [--set num_rounds=2]
         [--min-clients 2] [--no-code]
 """
 
@@ -96,8 +99,10 @@ def build_jobs(
     return [build_job(p, out_dir, overrides or {}, min_clients, with_code) for p in sources]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--jobs-dir", type=Path, default=Path("jobs"))
     parser.add_argument("--out", type=Path, default=Path("build/jobs"))
     parser.add_argument("--job", action="append", dest="names", help="job to build (repeatable); default: all")

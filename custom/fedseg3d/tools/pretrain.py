@@ -13,8 +13,8 @@ per call, the whole network trained in one place) with the job's classes, prepro
 checkpoint is made exactly like the federated models it will seed. The checkpoint is in FLARE's persistor format
 (``fedseg3d.models.checkpoint``) with its provenance; ``<out>.json`` repeats the provenance for people.
 
-Usage:
-    python -m fedseg3d.tools.pretrain --data PUBLIC_DIR [--data PUBLIC_DIR2] --job jobs/unet3d_fedbn \
+Example:
+    fedseg3d pretrain --data PUBLIC_DIR [--data PUBLIC_DIR2] --job jobs/unet3d_fedbn \
         --out public_unet3d_tiny.pt [--model-preset unet3d_tiny] [--epochs 15] [--learning-rate 0.002] [--seed 0] \
         [--threads 1] [--evaluate-on PRIVATE_SITE_DIR ...]
 """
@@ -207,8 +207,10 @@ def _rounded(values: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 3) if math.isfinite(v) else v for k, v in values.items()}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, action="append", required=True, help="public data folder (repeatable)")
     parser.add_argument("--job", type=Path, required=True, help="job folder whose classes and preprocessing to use")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint to write")

@@ -12,8 +12,10 @@ cases as members and its validation (held-out) cases as non-members, against two
 It prints one row per site and model, with the epsilon the job's results record for that site (when the job was a
 DP job) next to it.
 
-Usage:
-    python -m fedseg3d.tools.privacy_audit --run-dir workspace/sim/unet3d_fedbn --sites-root data/synthetic \
+Writes the table to standard output and, with ``--json FILE``, every row to FILE.
+
+Example:
+    fedseg3d audit --run-dir workspace/sim/unet3d_fedbn --sites-root data/synthetic \
         [--sites site-1,site-2] [--site-models DIR] [--json audit.json]
 
 ``--run-dir`` is a simulator workspace or a downloaded POC job result; in POC the sites' local models stay in the
@@ -250,8 +252,10 @@ def run_audit(
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--run-dir", type=Path, required=True, help="simulator workspace or downloaded job result")
     parser.add_argument("--sites-root", type=Path, required=True, help="folder with <site>/site.json per site")
     parser.add_argument("--sites", default=None, help="comma-separated sites (default: those that ran)")

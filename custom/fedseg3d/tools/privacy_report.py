@@ -1,8 +1,10 @@
 """Print what a site has spent of its privacy budget: the privacy officer's view of a site ledger.
 
-Usage:
-    python -m fedseg3d.tools.privacy_report <site>/local/privacy_budget.json [more budget files ...]
-    python -m fedseg3d.tools.privacy_report workspace/privacy/*/privacy_budget.json     # simulator sites
+Writes nothing: it prints the report.
+
+Examples:
+    fedseg3d privacy-report <site>/local/privacy_budget.json [more budget files ...]
+    fedseg3d privacy-report workspace/privacy/*/privacy_budget.json     # simulator sites
 
 For each budget file: the budget, then per protected unit the cumulative epsilon over every job (computed by the
 site's accountant from the mechanism parameters in the ledger, never by adding epsilons), what is left, and one
@@ -55,8 +57,10 @@ def site_report(budget: SiteBudget) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("budget_files", type=Path, nargs="+", help="privacy_budget.json of each site")
     args = parser.parse_args(argv)
     for path in args.budget_files:

@@ -4,8 +4,10 @@ Reads ``cross_site_val/cross_val_results.json`` (FLARE's cross-site evaluation m
 metrics). In FedBN every model is scored at a site with that site's own batch norm, which is FedBN's evaluation
 protocol; the site's own model is the diagonal of the matrix.
 
-Usage:
-    python -m fedseg3d.tools.report RESULT_DIR
+Writes nothing: it prints the table.
+
+Example:
+    fedseg3d report workspace/sim/unet3d_fedbn       # a simulator workspace or a downloaded POC job result
 """
 
 from __future__ import annotations
@@ -72,8 +74,10 @@ def report(result_dir: Path) -> str:
     return f"Mean validation Dice per site (from {path}):\n" + format_table(site_rows(matrix))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("result_dir", type=Path)
     print(report(parser.parse_args(argv).result_dir))
 

@@ -1,7 +1,10 @@
 """Run a built job in the FLARE simulator, the way FLARE's own ``SimEnv`` does (a ``simulator`` subprocess).
 
-Usage:
-    python -m fedseg3d.tools.simulate build/jobs/unet3d_fedbn --sites-root data/synthetic --sites site-1,site-2 \
+Writes the simulator workspace (``--workspace``): the server's global models and cross-site evaluation matrix, each
+site's logs and local models; ``fedseg3d report WORKSPACE`` prints the Dice table from it.
+
+Example:
+    fedseg3d simulate build/jobs/unet3d_fedbn --sites-root data/synthetic --sites site-1,site-2 \
         --workspace workspace/sim
 
 The sites find their data through ``FEDSEG3D_SITES_ROOT`` (``<root>/<site>/site.json``), since simulated sites have
@@ -110,8 +113,10 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("job_dir", type=Path)
     parser.add_argument("--sites-root", type=Path, default=Path("data/synthetic"))
     parser.add_argument("--sites", default="site-1,site-2", help="comma-separated site names")

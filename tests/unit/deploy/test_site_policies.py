@@ -14,8 +14,8 @@ from nvflare.fuel.sec.authz import AuthzContext, Person
 from nvflare.lighter.utils import verify_folder_signature
 from nvflare.security.security import FLAuthorizer
 
-from deploy import kits
-from deploy.local import AUDIT_COMPONENT
+from fedseg3d.deploy import kits
+from fedseg3d.deploy.local import AUDIT_COMPONENT
 from fedseg3d.privacy.ledger import load_site_privacy_budget
 from tests.unit.test_job_configs import components
 

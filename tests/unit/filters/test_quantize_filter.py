@@ -20,7 +20,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.decomposers import numpy_decomposers
 from nvflare.fuel.utils import fobs
 
-from fedseg3d.filters import codecs
+from fedseg3d.compression import codecs
 from fedseg3d.filters.message_size import MessageSizeRecorder, message_nbytes, streamed_nbytes
 from fedseg3d.filters.quantize_filter import PACKED_KEY, QUANT_META_KEY, DequantizeFilter, QuantizeFilter
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from poc.run_poc import load_layout, registered_sites
+from fedseg3d.poc.control import load_layout
+from fedseg3d.poc.runner import registered_sites
 
 LOG = """\
 2026-11-23 14:35:03,263 - Cell - INFO - Register blob CB for channel='aux_communication', topic='*'

@@ -7,8 +7,11 @@ so its job processes can be stopped with it. The consortium admin then works onl
 download the results. Everything started here is stopped in a ``finally`` by process group, and the port is
 waited on until it is free.
 
-Usage:
-    python -m deploy.local [--sites 4] [--data data/synthetic] [--workspace build/deploy-local] [--port 8002]
+Writes, under ``--workspace``: ``provision/`` (fresh signed kits every run, so privacy ledgers start empty),
+``jobs/`` (the job built without code, selecting the sites' DP scope) and ``results/`` (the downloaded job result).
+
+Example:
+    fedseg3d deploy-local [--sites 4] [--data data/synthetic] [--workspace build/deploy-local] [--port 8002]
         [--job unet3d_fedbn] [--set num_rounds=2 ...] [--timeout 1800] [--keep-running]
 """
 
@@ -29,9 +32,8 @@ from pathlib import Path
 import psutil
 import yaml
 
-from deploy import kits
+from fedseg3d.deploy import kits
 
-REPO = kits.REPO
 ADMIN_USER = "admin@consortium.org"
 DONE_PREFIX = "FINISHED"
 
@@ -223,7 +225,7 @@ def prepare_job(
     """
     from fedseg3d.tools.build_jobs import build_jobs
 
-    (job_dir,) = build_jobs(REPO / "jobs", out_dir, [name], overrides, min_clients=n_sites, with_code=with_code)
+    (job_dir,) = build_jobs(Path("jobs"), out_dir, [name], overrides, min_clients=n_sites, with_code=with_code)
     meta_path = job_dir / "meta.json"
     meta = json.loads(meta_path.read_text())
     if scope:
@@ -259,11 +261,13 @@ def prepare_sites(prod_dir: Path, sites: list[str], data_root: Path) -> None:
         kits.write_site_data_config(prod_dir / site, data_root / site)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sites", type=int, default=4)
-    parser.add_argument("--data", type=Path, default=REPO / "data" / "synthetic")
-    parser.add_argument("--workspace", type=Path, default=REPO / "build" / "deploy-local")
+    parser.add_argument("--data", type=Path, default=Path("data/synthetic"))
+    parser.add_argument("--workspace", type=Path, default=Path("build/deploy-local"))
     parser.add_argument("--port", type=int, default=0, help="server port (default: the project file's)")
     parser.add_argument("--job", default="unet3d_fedbn")
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="NAME=VALUE")

@@ -1,119 +1,88 @@
 """Run the federation on this workstation in FLARE POC mode, the way a user would from the admin console.
 
-Steps: assemble the job from ``jobs/`` and the package, prepare a POC workspace from ``provisioning/project.yml``
-(the same participant list as production), point every site at its data (``local/fedseg3d_site.json``), start the
-server and sites, submit the job through the admin API as ``admin@consortium.org``, print progress (round k of n,
-per-site Dice) while it runs, download the results, print the Dice table, and stop everything -- also on Ctrl-C
-or an error, checking afterwards that no POC process is left and the port is free.
+Steps: prepare a POC workspace from ``provisioning/project.yml`` (the same participant list as production) with
+the production kits' resources and class allow-list (``provisioning/site_policies/*/resources.json``), point every
+site at its data (``local/fedseg3d_site.json``), start the server and sites, build the job from ``jobs/`` without
+code (the POC processes run this installed package, as hospitals do), submit it through the admin API as
+``admin@consortium.org``, print progress (round k of n, per-site Dice) while it runs, download the results, print
+the Dice table, and stop everything -- also on Ctrl-C or an error, checking afterwards that no POC process is left
+and the port is free.
 
-Usage:
-    python poc/run_poc.py [--job unet3d_fedbn] [--sites 4] [--data data/synthetic] [--workspace workspace/poc]
-        [--set num_rounds=10 ...] [--timeout 900] [--keep-running] [--privacy-budget 50]
+Writes, under ``--workspace``: the POC kits (``fedseg3d/prod_00/<participant>``, logs included), ``jobs/<job>``
+(the job as submitted), ``results/<job id>`` (the downloaded result) and ``fedseg3d_poc.json`` (what
+``fedseg3d poc stop`` reads).
+
+With ``--keep-running`` the federation stays up after the job: the runner prints how to open the admin console
+(and submit any job folder, e.g. ``jobs/unet3d_fedbn``) and the one command that stops it, ``fedseg3d poc stop``.
+
+Example:
+    fedseg3d poc run --job unet3d_fedbn --sites 2 --set num_rounds=3 [--keep-running]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
+import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import psutil
-import yaml
+from fedseg3d.data.site_config import SITE_CONFIG_FILENAME
+from fedseg3d.deploy import kits
+from fedseg3d.poc.control import (
+    ADMIN_USER,
+    DEFAULT_WORKSPACE,
+    PROJECT_FILE,
+    PocLayout,
+    load_layout,
+    log,
+    nvflare,
+    port_in_use,
+    save_layout,
+    stop,
+)
+from fedseg3d.privacy.site_budget import write_site_budget
+from fedseg3d.tools.build_jobs import build_jobs, parse_override
+from fedseg3d.tools.report import report
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "custom"))
-
-from fedseg3d.data.site_config import SITE_CONFIG_FILENAME  # noqa: E402
-from fedseg3d.privacy.site_budget import write_site_budget  # noqa: E402
-from fedseg3d.tools.build_jobs import build_jobs  # noqa: E402
-from fedseg3d.tools.report import report  # noqa: E402
-
-PROJECT_FILE = REPO / "provisioning" / "project.yml"
-ADMIN_USER = "admin@consortium.org"
+POLICIES_DIR = PROJECT_FILE.parent / "site_policies"
+JOBS_DIR = Path("jobs")
 DONE_PREFIX = "FINISHED"
 # FederatedServer's line for a site that joined, e.g. "2026-11-23 14:35:04,668 - FederatedServer - INFO - client
 # site-2 registered with site_config keys: [...]".
 REGISTERED_LINE = re.compile(r"^(?P<stamp>\S+ \S+) - FederatedServer - INFO - client (?P<site>\S+) registered")
 
 
-def log(message: str) -> None:
-    print(f"[poc {time.strftime('%H:%M:%S')}] {message}", flush=True)
+def install_production_resources(layout: PocLayout, policies_dir: Path = POLICIES_DIR) -> None:
+    """Give POC's server and sites the production kits' ``local/resources.json`` (``provisioning/site_policies``).
 
+    Why: POC's own resources allow only FLARE's classes, so a job folder without code (what hospitals run, since
+    their kits allow ``fedseg3d.``) was refused with ``ComponentNotAuthorized`` on POC; and POC turns on job log
+    streaming, whose component the production allow-list does not name. With the same file as the kits, a job that
+    runs on one runs on the other. Only resources: the privacy policy and budgets stay the POC runner's.
 
-@dataclass
-class PocLayout:
-    """Where POC put things for a project."""
-
-    workspace: Path
-    project: dict
-
-    @property
-    def prod_dir(self) -> Path:
-        return self.workspace / self.project["name"] / "prod_00"
-
-    @property
-    def site_names(self) -> list[str]:
-        return [p["name"] for p in self.project["participants"] if p["type"] == "client"]
-
-    @property
-    def server_name(self) -> str:
-        return next(p["name"] for p in self.project["participants"] if p["type"] == "server")
-
-    @property
-    def port(self) -> int:
-        server = next(p for p in self.project["participants"] if p["type"] == "server")
-        return int(server.get("fed_learn_port", 8002))
-
-    def admin_kit(self, user: str = ADMIN_USER) -> Path:
-        return self.prod_dir / user
-
-
-def nvflare_env(workspace: Path) -> dict[str, str]:
-    """POC writes the active admin kit into ~/.nvflare; a private HOME keeps it from re-pointing the user's."""
-    home = workspace / ".home"
-    home.mkdir(parents=True, exist_ok=True)
-    return dict(os.environ, NVFLARE_POC_WORKSPACE=str(workspace), HOME=str(home))
-
-
-def nvflare(args: list[str], workspace: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    command = [str(Path(sys.executable).parent / "nvflare"), *args]
-    result = subprocess.run(command, env=nvflare_env(workspace), capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"`nvflare {' '.join(args)}` failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
-        )
-    return result
-
-
-def port_in_use(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def poc_processes(workspace: Path) -> list[psutil.Process]:
-    """Every process whose command line mentions this POC workspace (server, sites, job runners, watchdogs)."""
-    marker = str(workspace)
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
+    Raises:
+        FileNotFoundError: a template is missing, or POC did not write a participant's ``local/`` folder.
+        ValueError: a template is not JSON or has no ``class_allow_list``; the message names the file.
+    """
+    for name, kind in [(layout.server_name, "server"), *((site, "site") for site in layout.site_names)]:
+        template = policies_dir / kind / "resources.json"
+        kit = layout.prod_dir / name
+        text = template.read_text().replace(kits.WORKSPACE_PLACEHOLDER, str(kit))
         try:
-            if proc.pid != os.getpid() and any(marker in part for part in (proc.info["cmdline"] or [])):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
-
-
-def load_layout(workspace: Path, project_file: Path = PROJECT_FILE) -> PocLayout:
-    return PocLayout(workspace.resolve(), yaml.safe_load(project_file.read_text()))
+            allow_list = json.loads(text).get("class_allow_list")
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{template}: not valid JSON ({err})") from err
+        if not isinstance(allow_list, list) or not allow_list:
+            raise ValueError(f"{template}: field 'class_allow_list' must be a non-empty list")
+        if not (kit / "local").is_dir():
+            raise FileNotFoundError(f"{kit / 'local'} not found: did `nvflare poc prepare` write {name}'s kit?")
+        (kit / "local" / "resources.json").write_text(text)
 
 
 def prepare(
@@ -124,9 +93,10 @@ def prepare(
     threads_per_site: int = 1,
     privacy_budget: float = 50.0,
     privacy_delta: float = 1e-5,
+    policies_dir: Path = POLICIES_DIR,
 ) -> None:
-    """``nvflare poc prepare -i project.yml`` and write each started site's data config and privacy budget into its
-    ``local/``.
+    """``nvflare poc prepare -i project.yml``, the production kits' resources, and each started site's data config
+    and privacy budget in its ``local/``.
 
     In production a site's privacy budget is its own decision (hospital IT writes ``local/privacy_budget.json``); in
     POC this runner plays every site's IT, so it writes one budget for all of them. ``poc prepare --force`` starts
@@ -141,7 +111,9 @@ def prepare(
         if not (data_root / site / "datalist.json").is_file():
             raise FileNotFoundError(f"{data_root / site}/datalist.json not found: run `make data` first")
     log(f"preparing POC workspace {layout.workspace} from {project_file}")
-    nvflare(["poc", "prepare", "-i", str(project_file), "--force"], layout.workspace)
+    nvflare(["poc", "prepare", "-i", str(Path(project_file).resolve()), "--force"], layout.workspace)
+    save_layout(layout)
+    install_production_resources(layout, policies_dir)
     for site in sites:
         config = {
             "site_name": site,
@@ -195,26 +167,6 @@ def start(layout: PocLayout, sites: list[str], timeout: float = 120) -> float:
     seconds = time.perf_counter() - started
     log(f"all sites registered after {seconds:.1f} s")
     return seconds
-
-
-def stop(layout: PocLayout, grace: float = 30) -> None:
-    """``nvflare poc stop``, then make sure nothing is left: kill stragglers by PID and wait for the port."""
-    log("stopping POC")
-    try:
-        nvflare(["poc", "stop"], layout.workspace, timeout=60)
-    except (RuntimeError, subprocess.TimeoutExpired) as err:
-        log(f"poc stop reported a problem ({err}); killing remaining processes")
-    deadline = time.monotonic() + grace
-    while poc_processes(layout.workspace) and time.monotonic() < deadline:
-        time.sleep(1)
-    for proc in poc_processes(layout.workspace):
-        log(f"killing leftover process {proc.pid}")
-        proc.kill()
-    while port_in_use(layout.port) and time.monotonic() < deadline + 10:
-        time.sleep(1)
-    if port_in_use(layout.port):
-        raise RuntimeError(f"port {layout.port} still bound after stopping POC")
-    log("POC stopped: no process left, port free")
 
 
 def contributions_file(layout: PocLayout, job_id: str) -> Path:
@@ -272,44 +224,77 @@ def submit_and_wait(
         session.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--job", default="unet3d_fedbn")
+def console_instructions(layout: PocLayout, job_dir: Path) -> str:
+    """What a user types to work with a POC left running: the admin console, a submission, and the stop command."""
+    bin_dir = Path(sys.executable).parent
+    console = layout.admin_kit() / "startup" / "fl_admin.sh"
+    # fl_admin.sh runs `python3`: this environment's, so that the console has FLARE.
+    workspace = shlex.quote(str(layout.workspace))
+    return "\n".join(
+        [
+            f"POC is still running (server port {layout.port}, workspace {layout.workspace}).",
+            "Admin console (log in as admin@consortium.org):",
+            f"    PATH={shlex.quote(str(bin_dir))}:$PATH {shlex.quote(str(console))}",
+            "In the console, submit a job folder (no build needed: POC allows the fedseg3d package) and follow it:",
+            f"    submit_job {job_dir.resolve()}",
+            "    list_jobs",
+            "Stop POC (server, sites, job processes; waits until the port is free):",
+            f"    fedseg3d poc stop --workspace {workspace}",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--job", default="unet3d_fedbn", help="job folder name under --jobs-dir")
+    parser.add_argument("--jobs-dir", type=Path, default=JOBS_DIR, help="where the job folders are (default: jobs)")
+    parser.add_argument("--project", type=Path, default=PROJECT_FILE, help="FLARE project file (participants, port)")
     parser.add_argument("--sites", type=int, default=0, help="number of sites to start (default: all in project.yml)")
-    parser.add_argument("--data", type=Path, default=REPO / "data" / "synthetic")
-    parser.add_argument("--workspace", type=Path, default=REPO / "workspace" / "poc")
+    parser.add_argument("--data", type=Path, default=Path("data") / "synthetic", help="one folder per site")
+    parser.add_argument(
+        "--workspace", type=Path, default=DEFAULT_WORKSPACE, help="POC workspace (default: workspace/poc)"
+    )
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="NAME=VALUE")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the job")
     parser.add_argument("--threads-per-site", type=int, default=1)
-    parser.add_argument("--keep-running", action="store_true", help="leave POC running after the job")
+    parser.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave POC running after the job; prints the console and stop commands",
+    )
     parser.add_argument(
         "--privacy-budget", type=float, default=50.0, help="epsilon budget written to every site (DP jobs charge it)"
     )
     parser.add_argument("--privacy-delta", type=float, default=1e-5, help="delta of every site's privacy budget")
     args = parser.parse_args(argv)
 
-    from fedseg3d.tools.build_jobs import parse_override
-
     overrides = dict(parse_override(o) for o in args.overrides)
-    layout = load_layout(args.workspace)
+    workspace = args.workspace.resolve()
+    layout = load_layout(workspace, args.project)
     sites = layout.site_names[: args.sites] if args.sites else layout.site_names
     prepare(
         layout,
         args.data,
         sites,
+        project_file=args.project,
         threads_per_site=args.threads_per_site,
         privacy_budget=args.privacy_budget,
         privacy_delta=args.privacy_delta,
+        policies_dir=args.project.parent / "site_policies",
     )
     overrides.setdefault("sites_per_round", len(sites))
-    (job_dir,) = build_jobs(REPO / "jobs", args.workspace / "jobs", [args.job], overrides, min_clients=len(sites))
+    (job_dir,) = build_jobs(
+        args.jobs_dir, workspace / "jobs", [args.job], overrides, min_clients=len(sites), with_code=False
+    )
     # SIGTERM (e.g. from a CI runner) takes the same clean-up path as Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     started = time.perf_counter()
     status = "NOT RUN"
     try:
         start(layout, sites)
-        job_id, status, result_dir = submit_and_wait(layout, job_dir, args.timeout, args.workspace / "results")
+        job_id, status, result_dir = submit_and_wait(layout, job_dir, args.timeout, workspace / "results")
         if result_dir is not None:
             print()
             print(report(result_dir))
@@ -319,7 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted")
         status = "INTERRUPTED"
     finally:
-        if not args.keep_running:
+        if args.keep_running and status != "INTERRUPTED":
+            print()
+            print(console_instructions(layout, args.jobs_dir / args.job))
+        else:
             stop(layout)
     log(f"total {time.perf_counter() - started:.0f} s")
     return 0 if status == "FINISHED:COMPLETED" else 1

@@ -15,15 +15,10 @@ from nvflare.apis.shareable import Shareable
 from nvflare.app_common.decomposers import numpy_decomposers
 from nvflare.fuel.utils import fobs
 
-from fedseg3d.filters.downlink_delta import (
-    DELTA_META_KEY,
-    GlobalModelDeltaDecoder,
-    GlobalModelDeltaEncoder,
-    RebaseOnSiteCopy,
-    SiteGapStore,
-    fingerprint,
-)
+from fedseg3d.compression.fingerprint import fingerprint
+from fedseg3d.filters.downlink_delta import DELTA_META_KEY, GlobalModelDeltaDecoder
 from fedseg3d.filters.quantize_filter import DequantizeFilter
+from fedseg3d.server.downlink_delta import GlobalModelDeltaEncoder, RebaseOnSiteCopy, SiteGapStore
 
 
 def _ctx(name: str, peer: str | None = None) -> FLContext:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from fedseg3d.filters import codecs
+from fedseg3d.compression import codecs
 
 CASES = [
     ("fp16", {}),

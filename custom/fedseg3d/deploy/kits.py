@@ -18,10 +18,10 @@ Steps, each its own function so tests and the Makefile can use them one by one:
    ``prod_NN``; the kits already handed out stay valid and are not re-issued.
 
 Usage:
-    python -m deploy.kits provision [--project provisioning/project.yml] [--workspace build/provision]
-    python -m deploy.kits add-site --name site-5 --org hospital_e [--workspace build/provision]
-    python -m deploy.kits renew --name site-1 [--workspace build/provision]
-    python -m deploy.kits cert-info KIT_DIR
+    fedseg3d provision [--project provisioning/project.yml] [--workspace build/provision]
+    fedseg3d add-site --name site-5 --org hospital_e [--workspace build/provision]
+    fedseg3d renew --name site-1 [--workspace build/provision]
+    fedseg3d cert-info KIT_DIR
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-PROJECT_FILE = REPO / "provisioning" / "project.yml"
-POLICIES_DIR = REPO / "provisioning" / "site_policies"
+# Relative to the repository checkout the command runs from, as `fedseg3d build-jobs` reads `jobs/`.
+PROJECT_FILE = Path("provisioning") / "project.yml"
+POLICIES_DIR = Path("provisioning") / "site_policies"
+DEFAULT_WORKSPACE = Path("build") / "provision"
 SITE_POLICY_FILES = ("authorization.json", "privacy.json", "resources.json", "privacy_budget.json")
 SERVER_POLICY_FILES = ("resources.json",)
 WORKSPACE_PLACEHOLDER = "@WORKSPACE@"
@@ -145,7 +146,7 @@ def write_site_data_config(site_kit: Path, data_root: Path, num_threads: int = 1
     return path
 
 
-def provision(project_file: Path = PROJECT_FILE, workspace: Path = REPO / "build" / "provision") -> Path:
+def provision(project_file: Path = PROJECT_FILE, workspace: Path = DEFAULT_WORKSPACE) -> Path:
     """Provision, sign the startup folders and install the site policies; returns the ``prod_NN`` folder."""
     project = load_project(project_file)
     prod_dir = run_provision(project_file, workspace)
@@ -154,7 +155,7 @@ def provision(project_file: Path = PROJECT_FILE, workspace: Path = REPO / "build
     return prod_dir
 
 
-def add_site(name: str, org: str, project_file: Path = PROJECT_FILE, workspace: Path = REPO / "build" / "provision"):
+def add_site(name: str, org: str, project_file: Path = PROJECT_FILE, workspace: Path = DEFAULT_WORKSPACE):
     """Provision one more hospital with the project's existing root CA; returns the new site's kit folder.
 
     FLARE re-runs provisioning into a new ``prod_NN`` and reuses the certificates kept in ``state/`` for everyone
@@ -174,7 +175,7 @@ def add_site(name: str, org: str, project_file: Path = PROJECT_FILE, workspace: 
     return prod_dir / name
 
 
-def renew(name: str, project_file: Path = PROJECT_FILE, workspace: Path = REPO / "build" / "provision") -> Path:
+def renew(name: str, project_file: Path = PROJECT_FILE, workspace: Path = DEFAULT_WORKSPACE) -> Path:
     """Re-issue one participant's certificate (same root CA) into a new ``prod_NN``; returns its new kit folder.
 
     FLARE reuses every certificate kept in ``state/cert.json``; dropping one participant's entry makes the next
@@ -225,21 +226,59 @@ def cert_info(kit: Path) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+COMMAND_HELP = {
+    "provision": """Provision signed mTLS startup kits for every participant of the project file
+(``nvflare provision``), sign each kit's startup/ folder and install the site policies
+(provisioning/site_policies) into local/.
+
+Writes <workspace>/<project>/prod_NN/<participant>/ (one kit each: hand each hospital only its own) and
+<workspace>/<project>/state/ (the root CA: keep it with the consortium admin).
+
+Example:
+    fedseg3d provision --workspace build/provision""",
+    "add-site": """Provision one more hospital with the project's existing root CA; the kits already handed out
+stay valid.
+
+Writes a new <workspace>/<project>/prod_NN/ holding the new site's kit (hand out only that folder).
+
+Example:
+    fedseg3d add-site --name site-5 --org hospital_e --workspace build/provision""",
+    "renew": """Re-issue one participant's certificate with the existing root CA (everyone else keeps theirs).
+
+Writes a new <workspace>/<project>/prod_NN/ holding the renewed kit (hand out only that folder).
+
+Example:
+    fedseg3d renew --name site-1 --workspace build/provision""",
+    "cert-info": """Print a kit's certificate subject, issuer and validity (days left, root CA expiry) as JSON;
+writes nothing.
+
+Example:
+    fedseg3d cert-info build/provision/fedseg3d/prod_00/site-1""",
+}
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    prov = sub.add_parser("provision", help="provision, sign startup kits, install site policies")
-    add = sub.add_parser("add-site", help="provision one more hospital with the existing root CA")
+    raw = argparse.RawDescriptionHelpFormatter
+    prov = sub.add_parser("provision", help="provision, sign startup kits, install site policies",
+                          description=COMMAND_HELP["provision"], formatter_class=raw)  # fmt: skip
+    add = sub.add_parser("add-site", help="provision one more hospital with the existing root CA",
+                         description=COMMAND_HELP["add-site"], formatter_class=raw)  # fmt: skip
     for p in (prov, add):
         p.add_argument("--project", type=Path, default=PROJECT_FILE)
-        p.add_argument("--workspace", type=Path, default=REPO / "build" / "provision")
+        p.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
     add.add_argument("--name", required=True)
     add.add_argument("--org", required=True)
-    ren = sub.add_parser("renew", help="re-issue one participant's certificate with the existing root CA")
+    ren = sub.add_parser("renew", help="re-issue one participant's certificate with the existing root CA",
+                         description=COMMAND_HELP["renew"], formatter_class=raw)  # fmt: skip
     ren.add_argument("--project", type=Path, default=PROJECT_FILE)
-    ren.add_argument("--workspace", type=Path, default=REPO / "build" / "provision")
+    ren.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
     ren.add_argument("--name", required=True)
-    info = sub.add_parser("cert-info", help="print a kit's certificate validity")
+    info = sub.add_parser("cert-info", help="print a kit's certificate validity",
+                          description=COMMAND_HELP["cert-info"], formatter_class=raw)  # fmt: skip
     info.add_argument("kit", type=Path)
     args = parser.parse_args(argv)
     if args.command == "provision":

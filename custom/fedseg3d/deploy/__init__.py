@@ -1,0 +1,1 @@
+"""Provisioned deployment: signed startup kits with site policies, and running them on localhost."""
