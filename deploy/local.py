@@ -30,6 +30,7 @@ import psutil
 import yaml
 
 from deploy import kits
+from deploy.site_privacy import DP_SCOPE
 
 REPO = kits.REPO
 ADMIN_USER = "admin@consortium.org"
@@ -208,7 +209,6 @@ def wait_for_job(session, job_id: str, timeout: float, progress: bool = True) ->
     return f"TIMEOUT ({last})"
 
 
-DP_SCOPE = "fedseg3d_dp"
 AUDIT_COMPONENT = {"id": "update_audit", "path": "fedseg3d.server.update_audit.UpdateNormAudit", "args": {}}
 
 
