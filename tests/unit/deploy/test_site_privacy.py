@@ -7,8 +7,10 @@ import json
 
 import pytest
 from nvflare.apis.fl_constant import FilterKey
+from nvflare.apis.fl_context import FLContext
 from nvflare.apis.workspace import Workspace
 from nvflare.private.fed.app.fl_conf import create_privacy_manager
+from nvflare.private.fed.utils.app_deployer import AppDeployer
 from nvflare.private.privacy_manager import PrivacyService
 
 from deploy import kits
@@ -71,8 +73,10 @@ def test_flare_gives_each_job_the_scope_the_site_chose_and_refuses_the_rest(
     for name, filters in allowed.items():
         assert PrivacyService.is_scope_allowed(name)
         assert result_filters(name) == filters
-    for name in refused:  # FLARE's deployer then answers "privacy scope '<name>' is not allowed": nothing runs
+    for name in refused:  # the site's deployer refuses the job before it writes or runs anything
         assert not PrivacyService.is_scope_allowed(name)
+        reply = AppDeployer().deploy(None, "job-1", {"scope": name}, "app", b"", FLContext())
+        assert reply == f"privacy scope '{name}' is not allowed"
 
 
 @pytest.mark.parametrize(("rounds", "budget"), [(5, 8.0), (40, 4.0)])
