@@ -13,7 +13,7 @@ Steps, each its own function so tests and the Makefile can use them one by one:
 3. ``install_site_policies``: copy the committed policy templates (``provisioning/site_policies``) into each site's
    ``local/`` (authorization, resources with the class allow-list) and the server's ``resources.json`` (job and
    snapshot storage inside the server workspace, not /tmp); write each site's privacy scopes and budget from the
-   templates and the privacy choice made on the command line (``deploy.site_privacy``), and print that choice.
+   templates and the privacy choice made on the command line (``deploy.site_privacy``); ``main`` prints it.
 4. ``write_site_data_config``: the site's ``local/fedseg3d_site.json`` (where its data lives).
 5. ``add_site``: ``nvflare provision --add_client``: a new hospital's kit from the same root CA, in a new
    ``prod_NN``; the kits already handed out stay valid and are not re-issued.

@@ -122,9 +122,12 @@ def render(
         if choice.noise_multiplier is not None:
             args["noise_multiplier"] = float(choice.noise_multiplier)
         if choice.dp_rounds is not None:
-            sigma = noise_multiplier_for(
-                budget["epsilon_budget"], budget["delta"], 1.0, choice.dp_rounds, budget.get("accountant", "rdp")
-            )
+            try:
+                sigma = noise_multiplier_for(
+                    budget["epsilon_budget"], budget["delta"], 1.0, choice.dp_rounds, budget.get("accountant", "rdp")
+                )
+            except ValueError as err:
+                raise ValueError(f"--dp-rounds {choice.dp_rounds}: {err}") from err
             args["noise_multiplier"] = math.ceil(sigma * 100) / 100  # more noise, never more epsilon, than asked
     return privacy, budget
 
@@ -198,4 +201,5 @@ def choice_from_args(args: argparse.Namespace) -> PrivacyChoice:
 
 
 def template_paths(policies_dir: Path) -> tuple[Path, Path]:
+    """The site templates of ``privacy.json`` and ``privacy_budget.json`` under a ``site_policies`` folder."""
     return Path(policies_dir) / "site" / "privacy.json", Path(policies_dir) / "site" / "privacy_budget.json"
