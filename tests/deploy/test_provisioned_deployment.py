@@ -27,6 +27,7 @@ from fedseg3d.deploy.local import (
     project_copy,
     wait_for_job,
 )
+from fedseg3d.deploy.site_privacy import DP_SCOPE, dp_filter_args
 
 pytestmark = pytest.mark.deploy
 SITES = ["site-1", "site-2"]
@@ -44,6 +45,19 @@ def wait_for_text(path: Path, text: str, timeout: float) -> bool:
             return True
         time.sleep(1)
     return False
+
+
+def run_and_read_audit(fed, job_dir: Path, results: str) -> tuple[str, list[dict]]:
+    """Submit ``job_dir``, wait for it to complete and return its id and what the server received from each site
+    (recorded by the server-side UpdateNormAudit, downloaded with the results)."""
+    job_id = fed.session.submit_job(str(job_dir))
+    status = wait_for_job(fed.session, job_id, timeout=300, progress=False)
+    assert status == "FINISHED:COMPLETED", fed.session.get_job_meta(job_id)
+    result = Path(fed.session.download_job_result(job_id, str(fed.root / results)))
+    (audit_file,) = result.rglob("received_updates.jsonl")
+    updates = [json.loads(line) for line in audit_file.read_text().splitlines()]
+    assert sorted(u["site"] for u in updates) == SITES
+    return job_id, updates
 
 
 @pytest.fixture(scope="module")
@@ -79,17 +93,10 @@ def test_admin_runs_a_job_without_custom_code_and_the_site_dp_scope_protects_eve
     client_config = json.loads((job_dir / "app" / "config" / "config_fed_client.json").read_text())
     assert client_config["task_result_filters"] == [], "the job itself must carry no DP filter for this test"
 
-    job_id = fed.session.submit_job(str(job_dir))
-    status = wait_for_job(fed.session, job_id, timeout=300, progress=False)
-    assert status == "FINISHED:COMPLETED", fed.session.get_job_meta(job_id)
-    result = Path(fed.session.download_job_result(job_id, str(fed.root / "results")))
-
-    # What the server received (recorded by the server-side UpdateNormAudit, downloaded with the results).
-    (audit_file,) = result.rglob("received_updates.jsonl")
-    updates = [json.loads(line) for line in audit_file.read_text().splitlines()]
-    assert sorted(u["site"] for u in updates) == SITES
-    scope = json.loads((kits.POLICIES_DIR / "site" / "privacy.json").read_text())["scopes"][0]
-    dp_args = scope["task_result_filters"][0]["args"]
+    job_id, updates = run_and_read_audit(fed, job_dir, "results")
+    assert json.loads((job_dir / "meta.json").read_text())["scope"] == DP_SCOPE
+    site_policy = fed.prod_dir / SITES[0] / "local" / "privacy.json"
+    dp_args = dp_filter_args(json.loads(site_policy.read_text()), str(site_policy))
     for update in updates:
         assert update["data_kind"] == "WEIGHT_DIFF"
         assert update["filter_history"] == ["GaussianDPFilter"]
@@ -101,6 +108,21 @@ def test_admin_runs_a_job_without_custom_code_and_the_site_dp_scope_protects_eve
     for site in SITES:
         ledger = json.loads((fed.prod_dir / site / "local" / "privacy_ledger.json").read_text())
         assert [e["job_id"] for e in ledger["entries"]] == [job_id]
+
+
+def test_a_job_naming_no_scope_gets_the_sites_default_plain_scope(fed):
+    job_dir = prepare_job("unet3d_fedbn", fed.root / "jobs_default", TINY, len(SITES), scope=None)
+    assert "scope" not in json.loads((job_dir / "meta.json").read_text())
+    policy = json.loads((fed.prod_dir / SITES[0] / "local" / "privacy.json").read_text())
+    assert policy["default_scope"] == "plain"  # provisioned with the defaults
+
+    job_id, updates = run_and_read_audit(fed, job_dir, "results_default")
+    for update in updates:  # no site filter ran and nothing was charged
+        assert update["filter_history"] == [] and "dp_epsilon" not in update.get("dp_meta", {}), update
+    for site in SITES:
+        ledger_file = fed.prod_dir / site / "local" / "privacy_ledger.json"
+        entries = json.loads(ledger_file.read_text())["entries"] if ledger_file.is_file() else []
+        assert job_id not in [e["job_id"] for e in entries]
 
 
 def test_member_cannot_submit_a_job(fed):

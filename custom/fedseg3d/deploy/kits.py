@@ -11,8 +11,9 @@ Steps, each its own function so tests and the Makefile can use them one by one:
    no longer match. We only call FLARE's ``sign_folders``, the function its ``SignatureBuilder`` uses for HE kits;
    ``local/`` stays unsigned because it holds the hospital's own policies.
 3. ``install_site_policies``: copy the committed policy templates (``provisioning/site_policies``) into each site's
-   ``local/`` (authorization, privacy scope with the DP filter, resources with the class allow-list, the privacy
-   budget) and the server's ``resources.json`` (job and snapshot storage inside the server workspace, not /tmp).
+   ``local/`` (authorization, resources with the class allow-list) and the server's ``resources.json`` (job and
+   snapshot storage inside the server workspace, not /tmp); write each site's privacy scopes and budget from the
+   templates and the privacy choice made on the command line (``fedseg3d.deploy.site_privacy``); ``main`` prints it.
 4. ``write_site_data_config``: the site's ``local/fedseg3d_site.json`` (where its data lives).
 5. ``add_site``: ``nvflare provision --add_client``: a new hospital's kit from the same root CA, in a new
    ``prod_NN``; the kits already handed out stay valid and are not re-issued.
@@ -22,6 +23,10 @@ Usage:
     fedseg3d add-site --name site-5 --org hospital_e [--workspace build/provision]
     fedseg3d renew --name site-1 [--workspace build/provision]
     fedseg3d cert-info KIT_DIR
+
+PRIVACY (defaults: the templates; see ``fedseg3d.deploy.site_privacy`` and docs/deployment.md, "Site privacy"):
+    [--privacy-scope plain|dp_update] [--enforce-scope] [--dp-clip-norm C]
+    [--dp-noise-multiplier SIGMA | --dp-rounds N] [--epsilon-budget EPS] [--delta DELTA]
 """
 
 from __future__ import annotations
@@ -35,11 +40,15 @@ from pathlib import Path
 
 import yaml
 
+from fedseg3d.deploy import site_privacy
+from fedseg3d.deploy.site_privacy import PrivacyChoice
+
 # Relative to the repository checkout the command runs from, as `fedseg3d build-jobs` reads `jobs/`.
 PROJECT_FILE = Path("provisioning") / "project.yml"
 POLICIES_DIR = Path("provisioning") / "site_policies"
 DEFAULT_WORKSPACE = Path("build") / "provision"
 SITE_POLICY_FILES = ("authorization.json", "privacy.json", "resources.json", "privacy_budget.json")
+PRIVACY_FILES = ("privacy.json", "privacy_budget.json")  # written from the templates and the privacy choice
 SERVER_POLICY_FILES = ("resources.json",)
 WORKSPACE_PLACEHOLDER = "@WORKSPACE@"
 SIGNATURE_FILE = "signature.json"
@@ -107,14 +116,38 @@ def sign_startup_kits(prod_dir: Path, names: list[str] | None = None) -> list[Pa
     return kits
 
 
+def site_privacy_files(privacy: PrivacyChoice, policies_dir: Path = POLICIES_DIR) -> dict[str, dict]:
+    """The content of each site's ``privacy.json`` and ``privacy_budget.json`` for ``privacy``.
+
+    Raises:
+        ValueError: a value out of range or a scope the template lacks, naming the option or the file.
+    """
+    privacy_file, budget_file = site_privacy.template_paths(policies_dir)
+    policy, budget = site_privacy.render(
+        privacy, json.loads(privacy_file.read_text()), json.loads(budget_file.read_text()), str(privacy_file)
+    )
+    return dict(zip(PRIVACY_FILES, (policy, budget), strict=True))
+
+
 def install_site_policies(
-    prod_dir: Path, project: dict, policies_dir: Path = POLICIES_DIR, sites: list[str] | None = None
-) -> None:
+    prod_dir: Path,
+    project: dict,
+    policies_dir: Path = POLICIES_DIR,
+    sites: list[str] | None = None,
+    privacy: PrivacyChoice | None = None,
+) -> dict[str, dict]:
     """Copy the policy templates into each site's and the server's ``local/`` (existing files are replaced).
 
     ``@WORKSPACE@`` in a template becomes the absolute path of that participant's kit folder, so the server keeps its
-    job store and snapshots inside its own workspace.
+    job store and snapshots inside its own workspace. A site's privacy files are rendered for ``privacy`` (default:
+    the templates as they are) before anything is written, so a bad choice leaves no kit half-configured.
+
+    Returns:
+        The privacy files written to every site, by file name.
     """
+    from fedseg3d.privacy.ledger import load_site_privacy_budget
+
+    rendered = site_privacy_files(privacy or PrivacyChoice(), policies_dir)
     server = participants(project, "server")[0]["name"]
     targets = [(server, "server", SERVER_POLICY_FILES)]
     targets += [(p["name"], "site", SITE_POLICY_FILES) for p in participants(project, "client")]
@@ -125,10 +158,16 @@ def install_site_policies(
         if not (kit / "local").is_dir():
             continue  # a participant of the project file that this prod_NN does not hold
         for filename in files:
-            source = policies_dir / kind / filename
-            text = source.read_text().replace(WORKSPACE_PLACEHOLDER, str(kit.resolve()))
-            json.loads(text)  # a broken template must fail here, not in a hospital's start-up log
+            if kind == "site" and filename in PRIVACY_FILES:
+                text = json.dumps(rendered[filename], indent=2) + "\n"
+            else:
+                source = policies_dir / kind / filename
+                text = source.read_text().replace(WORKSPACE_PLACEHOLDER, str(kit.resolve()))
+                json.loads(text)  # a broken template must fail here, not in a hospital's start-up log
             (kit / "local" / filename).write_text(text)
+        if kind == "site":
+            load_site_privacy_budget(kit / "local" / "privacy_budget.json")  # the filters' own check, at provisioning
+    return rendered
 
 
 def write_site_data_config(site_kit: Path, data_root: Path, num_threads: int = 1) -> Path:
@@ -146,16 +185,31 @@ def write_site_data_config(site_kit: Path, data_root: Path, num_threads: int = 1
     return path
 
 
-def provision(project_file: Path = PROJECT_FILE, workspace: Path = DEFAULT_WORKSPACE) -> Path:
-    """Provision, sign the startup folders and install the site policies; returns the ``prod_NN`` folder."""
+def provision(
+    project_file: Path = PROJECT_FILE,
+    workspace: Path = DEFAULT_WORKSPACE,
+    privacy: PrivacyChoice | None = None,
+) -> Path:
+    """Provision, sign the startup folders and install the site policies; returns the ``prod_NN`` folder.
+
+    Raises:
+        ValueError: a bad privacy choice, before anything is provisioned.
+    """
     project = load_project(project_file)
+    site_privacy_files(privacy or PrivacyChoice())  # refuse a bad choice before FLARE writes anything
     prod_dir = run_provision(project_file, workspace)
     sign_startup_kits(prod_dir)
-    install_site_policies(prod_dir, project)
+    install_site_policies(prod_dir, project, privacy=privacy)
     return prod_dir
 
 
-def add_site(name: str, org: str, project_file: Path = PROJECT_FILE, workspace: Path = DEFAULT_WORKSPACE):
+def add_site(
+    name: str,
+    org: str,
+    project_file: Path = PROJECT_FILE,
+    workspace: Path = DEFAULT_WORKSPACE,
+    privacy: PrivacyChoice | None = None,
+) -> Path:
     """Provision one more hospital with the project's existing root CA; returns the new site's kit folder.
 
     FLARE re-runs provisioning into a new ``prod_NN`` and reuses the certificates kept in ``state/`` for everyone
@@ -164,6 +218,7 @@ def add_site(name: str, org: str, project_file: Path = PROJECT_FILE, workspace: 
     project = load_project(project_file)
     if any(p["name"] == name for p in project["participants"]):
         raise ValueError(f"{project_file}: a participant named '{name}' already exists")
+    site_privacy_files(privacy or PrivacyChoice())
     workspace = Path(workspace).resolve()
     extra_file = workspace / f"add_{name}.yml"
     workspace.mkdir(parents=True, exist_ok=True)
@@ -171,11 +226,16 @@ def add_site(name: str, org: str, project_file: Path = PROJECT_FILE, workspace: 
     prod_dir = run_provision(project_file, workspace, ["--add_client", str(extra_file)])
     sign_startup_kits(prod_dir, [name])
     site_project = {"participants": [*project["participants"], {"name": name, "type": "client", "org": org}]}
-    install_site_policies(prod_dir, site_project, sites=[name])
+    install_site_policies(prod_dir, site_project, sites=[name], privacy=privacy)
     return prod_dir / name
 
 
-def renew(name: str, project_file: Path = PROJECT_FILE, workspace: Path = DEFAULT_WORKSPACE) -> Path:
+def renew(
+    name: str,
+    project_file: Path = PROJECT_FILE,
+    workspace: Path = DEFAULT_WORKSPACE,
+    privacy: PrivacyChoice | None = None,
+) -> Path:
     """Re-issue one participant's certificate (same root CA) into a new ``prod_NN``; returns its new kit folder.
 
     FLARE reuses every certificate kept in ``state/cert.json``; dropping one participant's entry makes the next
@@ -185,6 +245,7 @@ def renew(name: str, project_file: Path = PROJECT_FILE, workspace: Path = DEFAUL
     project = load_project(project_file)
     if not any(p["name"] == name for p in project["participants"]):
         raise ValueError(f"{project_file}: no participant named '{name}'")
+    site_privacy_files(privacy or PrivacyChoice())
     workspace = Path(workspace).resolve()
     state_file = workspace / project["name"] / "state" / "cert.json"
     if not state_file.is_file():
@@ -197,7 +258,7 @@ def renew(name: str, project_file: Path = PROJECT_FILE, workspace: Path = DEFAUL
     kinds = {p["name"]: p["type"] for p in project["participants"]}
     if kinds[name] in ("client", "server"):
         only = [name] if kinds[name] == "client" else []
-        install_site_policies(prod_dir, project, sites=only)
+        install_site_policies(prod_dir, project, sites=only, privacy=privacy)
     return prod_dir / name
 
 
@@ -226,6 +287,13 @@ def cert_info(kit: Path) -> dict:
     }
 
 
+def print_privacy(files: dict[str, dict], sites: list[str]) -> None:
+    """Say what the sites were given: the privacy choice is the consortium's, so it must be seen, not buried."""
+    print(f"site privacy in local/privacy.json and local/privacy_budget.json of {', '.join(sites)}:")
+    for line in site_privacy.describe(files["privacy.json"], files["privacy_budget.json"]):
+        print(f"  {line}")
+
+
 COMMAND_HELP = {
     "provision": """Provision signed mTLS startup kits for every participant of the project file
 (``nvflare provision``), sign each kit's startup/ folder and install the site policies
@@ -235,7 +303,7 @@ Writes <workspace>/<project>/prod_NN/<participant>/ (one kit each: hand each hos
 <workspace>/<project>/state/ (the root CA: keep it with the consortium admin).
 
 Example:
-    fedseg3d provision --workspace build/provision""",
+    fedseg3d provision --workspace build/provision --privacy-scope plain""",
     "add-site": """Provision one more hospital with the project's existing root CA; the kits already handed out
 stay valid.
 
@@ -267,33 +335,43 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                           description=COMMAND_HELP["provision"], formatter_class=raw)  # fmt: skip
     add = sub.add_parser("add-site", help="provision one more hospital with the existing root CA",
                          description=COMMAND_HELP["add-site"], formatter_class=raw)  # fmt: skip
-    for p in (prov, add):
+    ren = sub.add_parser("renew", help="re-issue one participant's certificate with the existing root CA",
+                         description=COMMAND_HELP["renew"], formatter_class=raw)  # fmt: skip
+    for p in (prov, add, ren):
         p.add_argument("--project", type=Path, default=PROJECT_FILE)
         p.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
     add.add_argument("--name", required=True)
     add.add_argument("--org", required=True)
-    ren = sub.add_parser("renew", help="re-issue one participant's certificate with the existing root CA",
-                         description=COMMAND_HELP["renew"], formatter_class=raw)  # fmt: skip
-    ren.add_argument("--project", type=Path, default=PROJECT_FILE)
-    ren.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
     ren.add_argument("--name", required=True)
+    for p in (prov, add, ren):
+        site_privacy.add_arguments(p)
     info = sub.add_parser("cert-info", help="print a kit's certificate validity",
                           description=COMMAND_HELP["cert-info"], formatter_class=raw)  # fmt: skip
     info.add_argument("kit", type=Path)
     args = parser.parse_args(argv)
+    if args.command == "cert-info":
+        print(json.dumps(cert_info(args.kit), indent=2))
+        return
+    privacy = site_privacy.choice_from_args(args)
+    try:
+        files = site_privacy_files(privacy)
+    except ValueError as err:
+        parser.error(str(err))
     if args.command == "provision":
-        prod_dir = provision(args.project, args.workspace)
+        prod_dir = provision(args.project, args.workspace, privacy)
         print(f"kits (startup/ signed, site policies in local/): {prod_dir}")
         for kit in sorted(p for p in prod_dir.iterdir() if (p / "startup").is_dir()):
             print(f"  {kit.name}")
+        print_privacy(files, [p["name"] for p in participants(load_project(args.project), "client")])
     elif args.command == "add-site":
-        kit = add_site(args.name, args.org, args.project, args.workspace)
+        kit = add_site(args.name, args.org, args.project, args.workspace, privacy)
         print(f"new site kit: {kit} (hand out only this folder; the other kits are unchanged)")
-    elif args.command == "renew":
-        kit = renew(args.name, args.project, args.workspace)
-        print(f"renewed kit: {kit} ({cert_info(kit)['not_after']}); hand out only this folder")
+        print_privacy(files, [args.name])
     else:
-        print(json.dumps(cert_info(args.kit), indent=2))
+        kit = renew(args.name, args.project, args.workspace, privacy)
+        print(f"renewed kit: {kit} ({cert_info(kit)['not_after']}); hand out only this folder")
+        if (kit / "local" / "privacy.json").is_file():
+            print_privacy(files, [args.name])
 
 
 if __name__ == "__main__":

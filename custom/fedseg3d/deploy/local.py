@@ -33,6 +33,7 @@ import psutil
 import yaml
 
 from fedseg3d.deploy import kits
+from fedseg3d.deploy.site_privacy import DP_SCOPE
 
 ADMIN_USER = "admin@consortium.org"
 DONE_PREFIX = "FINISHED"
@@ -210,7 +211,6 @@ def wait_for_job(session, job_id: str, timeout: float, progress: bool = True) ->
     return f"TIMEOUT ({last})"
 
 
-DP_SCOPE = "fedseg3d_dp"
 AUDIT_COMPONENT = {"id": "update_audit", "path": "fedseg3d.server.update_audit.UpdateNormAudit", "args": {}}
 
 

@@ -16,6 +16,7 @@ from nvflare.security.security import FLAuthorizer
 
 from fedseg3d.deploy import kits
 from fedseg3d.deploy.local import AUDIT_COMPONENT
+from fedseg3d.deploy.site_privacy import DP_SCOPE
 from fedseg3d.privacy.ledger import load_site_privacy_budget
 from tests.unit.test_job_configs import components
 
@@ -57,17 +58,17 @@ def test_allow_list_refuses_what_it_does_not_name(tmp_path):
         )
 
 
-def test_privacy_scope_builds_the_dp_filter_and_is_the_default():
+def test_privacy_template_offers_a_plain_and_a_dp_scope_and_defaults_to_a_defined_one():
     policy = json.loads((POLICIES / "site" / "privacy.json").read_text())
-    names = [scope["name"] for scope in policy["scopes"]]
-    assert policy["default_scope"] in names
-    for scope in policy["scopes"]:
-        (dp,) = scope["task_result_filters"]
-        module, _, cls = dp["path"].rpartition(".")
-        instance = getattr(importlib.import_module(module), cls)(**dp["args"])
-        assert type(instance).__name__ == "GaussianDPFilter"
-        assert instance.require_budget is True
-        assert instance.noise_multiplier > 0
+    scopes = {scope["name"]: scope for scope in policy["scopes"]}
+    assert policy["default_scope"] in scopes
+    assert scopes["plain"]["task_result_filters"] == []
+    (dp,) = scopes[DP_SCOPE]["task_result_filters"]
+    module, _, cls = dp["path"].rpartition(".")
+    instance = getattr(importlib.import_module(module), cls)(**dp["args"])
+    assert type(instance).__name__ == "GaussianDPFilter"
+    assert instance.require_budget is True
+    assert instance.noise_multiplier > 0
 
 
 def test_privacy_budget_template_loads(tmp_path):
@@ -114,7 +115,11 @@ def test_provision_signs_startup_folders_and_installs_policies(tmp_path):
         assert verify_folder_signature(str(startup), str(startup / "rootCA.pem"), True, "signature.json")
     for site in (p["name"] for p in kits.participants(project, "client")):
         for filename in kits.SITE_POLICY_FILES:
-            assert (prod_dir / site / "local" / filename).read_text() == (POLICIES / "site" / filename).read_text()
+            written, template = prod_dir / site / "local" / filename, POLICIES / "site" / filename
+            if filename in kits.PRIVACY_FILES:  # rendered for the default choice: the template's content
+                assert json.loads(written.read_text()) == json.loads(template.read_text())
+            else:
+                assert written.read_text() == template.read_text()
     server = json.loads((prod_dir / "server" / "local" / "resources.json").read_text())
     job_store = next(c for c in server["components"] if c["id"] == "job_manager")["args"]["uri_root"]
     assert job_store == str((prod_dir / "server").resolve() / "jobs-storage")
