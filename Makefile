@@ -23,6 +23,7 @@ DEPLOY_ROUNDS ?= 2
 DEPLOY_PORT ?=
 SITE ?=
 ORG ?=
+PRIVACY_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install data realdata jobs sim poc poc-stop test test-unit test-e2e test-poc lint format clean provision add-site deploy-local test-deploy audit bench-privacy bench bench-quick bench-compression
@@ -73,11 +74,11 @@ test: install ## the test command: unit, simulator, POC, benchmark-quick and pro
 test-unit: install ## unit tests only (seconds)
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
-provision: install ## signed mTLS startup kits for provisioning/project.yml in PROVISION, site policies in local/
-	$(FEDSEG3D) provision --workspace $(PROVISION)
+provision: install ## signed mTLS startup kits for provisioning/project.yml in PROVISION, site policies in local/ (PRIVACY_ARGS='--privacy-scope dp_update')
+	$(FEDSEG3D) provision --workspace $(PROVISION) $(PRIVACY_ARGS)
 
 add-site: install ## one more hospital with the existing root CA: make add-site SITE=site-5 ORG=hospital_e
-	$(FEDSEG3D) add-site --name $(SITE) --org $(ORG) --workspace $(PROVISION)
+	$(FEDSEG3D) add-site --name $(SITE) --org $(ORG) --workspace $(PROVISION) $(PRIVACY_ARGS)
 
 deploy-local: data ## provisioned kits on localhost: server + SITES sites, JOB submitted via the admin API (DEPLOY_ROUNDS)
 	$(FEDSEG3D) deploy-local --sites $(SITES) --data $(DATA) --workspace $(DEPLOY_WORKSPACE) --job $(JOB) \
