@@ -86,6 +86,8 @@ def test_a_task_set_on_the_command_line_reaches_server_learner_and_trainer(
         relabel=relabel,
     )  # fmt: skip
     assert out_channels(trainer.model) == out_channels(server_model) == len(names)
+    assert tuple(trainer.loss_fn.class_weights.tolist()) == weights
+    assert trainer.preprocessing.class_crop_ratios == ratios
     shapes = [sorted(tuple(v.shape) for v in m.state_dict().values()) for m in (trainer.model, server_model)]
     assert shapes[0] == shapes[1], "the server's network is the sites' network"
     assert {int(v) for v in trainer.train_cases.items[0]["label"].unique()} <= set(range(len(names)))
