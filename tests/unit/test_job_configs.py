@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from fedseg3d.data.task import parse_class_names
+
 REPO = Path(__file__).resolve().parents[2]
 JOB_DIRS = sorted(p for p in (REPO / "jobs").iterdir() if (p / "meta.json").is_file())
 VARIABLE = re.compile(r"^\{(\w+)\}$")
@@ -69,7 +71,7 @@ def test_server_and_sites_build_the_same_model(job):
     persistor = next(c for c in server["components"] if c["id"] == "persistor")
     learner = next(c for c in client["components"] if c["id"] == "learner")
     assert persistor["args"]["model"]["args"]["preset"] == learner["args"]["training"]["model_preset"]
-    assert persistor["args"]["model"]["args"]["num_classes"] == len(learner["args"]["class_names"])
+    assert persistor["args"]["model"]["args"]["num_classes"] == len(parse_class_names(learner["args"]["class_names"]))
 
 
 @pytest.mark.parametrize("job", JOB_DIRS, ids=lambda p: p.name)

@@ -75,7 +75,7 @@ def load_datalist(path: str | Path, data_root: str | Path, label_names: dict[int
         label_names: the classes the job expects; when given, the datalist's ``labels`` must agree with it.
 
     Raises:
-        DataError: the file is missing, not JSON, or a field is missing or malformed.
+        DataError: the file is missing, not JSON, or a field is missing or malformed (``labels`` is required).
     """
     path = Path(path)
     if not path.is_file():
@@ -89,13 +89,26 @@ def load_datalist(path: str | Path, data_root: str | Path, label_names: dict[int
     for split in SPLITS:
         if split not in raw:
             raise DataError(path, f"datalist has no '{split}' field")
-    labels_raw = raw.get("labels", {})
+    if "labels" not in raw:
+        # Without it the classes would be guessed from the job, and a binary datalist would silently train (and
+        # score) the job's other classes as absent.
+        expected = {str(k): v for k, v in (label_names or {0: "background", 1: "tumour"}).items()}
+        raise DataError(
+            path, f"datalist has no 'labels' field: declare the classes its cases are labelled with, e.g. {expected}"
+        )
+    labels_raw = raw["labels"]
     try:
         labels = {int(k): str(v) for k, v in labels_raw.items()}
     except (AttributeError, ValueError) as err:
         raise DataError(path, f"field 'labels' must map class indices to names, got {labels_raw!r}") from err
-    if label_names is not None and labels and labels != label_names:
-        raise DataError(path, f"field 'labels' is {labels}, but the job expects {label_names}")
+    if sorted(labels) != list(range(len(labels))) or len(labels) < 2:
+        raise DataError(path, f"field 'labels' must map 0 (background) .. N-1 to names, N >= 2; got {labels_raw!r}")
+    if label_names is not None and labels != label_names:
+        raise DataError(
+            path,
+            f"field 'labels' is {labels}, but the job expects {label_names} (the job's class_names knob; "
+            "with a site label_map, 'labels' lists the consortium's classes)",
+        )
     root = Path(data_root)
     training = _parse_entries(path, "training", raw["training"], root)
     validation = _parse_entries(path, "validation", raw["validation"], root)
@@ -103,4 +116,4 @@ def load_datalist(path: str | Path, data_root: str | Path, label_names: dict[int
         raise DataError(path, "field 'training' is empty: a site needs at least one training case")
     if not validation:
         raise DataError(path, "field 'validation' is empty: a site needs at least one validation case")
-    return Datalist(path=path, labels=labels or dict(label_names or {}), training=training, validation=validation)
+    return Datalist(path=path, labels=labels, training=training, validation=validation)

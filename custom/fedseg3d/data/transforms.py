@@ -7,7 +7,7 @@ augmentation runs every epoch. All knobs come from the job's ``preprocessing`` b
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from monai.transforms import (
@@ -24,6 +24,8 @@ from monai.transforms import (
     Spacingd,
     SpatialPadd,
 )
+
+from fedseg3d.data.task import json_list, per_class_values
 
 KEYS = ("image", "label")
 INTENSITY_MODES = ("ct_window", "mr_percentile")
@@ -47,8 +49,9 @@ class PreprocessConfig:
             organ) gets centres only in proportion to its volume. ``by_class`` (``RandCropByLabelClassesd``): pick a
             class by ``class_crop_ratios`` first, then a voxel of it, so a small class is seen as often as asked.
         pos_neg_ratio: (pos, neg) weights for foreground- vs background-centred patches (``pos_neg`` only).
-        class_crop_ratios: one weight per class, background first (``by_class`` only); a class missing from a case
-            is skipped for that case (MONAI warns).
+        class_crop_ratios: one weight per class, background first (``by_class`` only), or empty for uniform;
+            ``for_classes`` checks it against the job's classes and fills in the uniform weights. A class missing
+            from a case is skipped for that case (MONAI warns).
     """
 
     target_spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)
@@ -64,12 +67,10 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         if self.crop_sampling not in CROP_SAMPLINGS:
             raise ValueError(f"preprocessing.crop_sampling must be one of {CROP_SAMPLINGS}, got '{self.crop_sampling}'")
-        if self.crop_sampling == "by_class" and (
-            len(self.class_crop_ratios) < 2 or min(self.class_crop_ratios) < 0 or sum(self.class_crop_ratios) <= 0
-        ):
+        if self.class_crop_ratios and (min(self.class_crop_ratios) < 0 or sum(self.class_crop_ratios) <= 0):
             raise ValueError(
-                f"preprocessing.class_crop_ratios must be one non-negative weight per class (at least 2, not all 0) "
-                f"when crop_sampling is 'by_class', got {list(self.class_crop_ratios)}"
+                f"preprocessing.class_crop_ratios must be non-negative weights, one per class, not all 0 "
+                f"([] for uniform), got {list(self.class_crop_ratios)}"
             )
         if self.intensity_mode not in INTENSITY_MODES:
             raise ValueError(
@@ -92,18 +93,33 @@ class PreprocessConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> PreprocessConfig:
-        """Parse the job's ``preprocessing`` block; unknown keys are an error, missing ones take defaults."""
+        """Parse the job's ``preprocessing`` block; unknown keys are an error, missing ones take defaults.
+
+        List fields may be lists or their JSON text (the form job variables carry them in).
+        """
         raw = dict(raw or {})
         known = {f.name for f in fields(cls)}
         unknown = set(raw) - known
         if unknown:
             raise ValueError(f"preprocessing has unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
-        for key in ("target_spacing", "ct_window", "mr_percentiles", "pos_neg_ratio", "class_crop_ratios"):
+        for key in ("target_spacing", "ct_window", "mr_percentiles", "pos_neg_ratio", "class_crop_ratios", "roi_size"):
             if key in raw:
-                raw[key] = tuple(float(v) for v in raw[key])
-        if "roi_size" in raw:
-            raw["roi_size"] = tuple(int(v) for v in raw["roi_size"])
+                number = int if key == "roi_size" else float
+                values = json_list(raw[key], f"preprocessing.{key}")
+                try:
+                    raw[key] = tuple(number(v) for v in values)
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"preprocessing.{key} must be a list of numbers, got {values!r}") from err
         return cls(**raw)
+
+    def for_classes(self, class_names: dict[int, str]) -> PreprocessConfig:
+        """This config with one crop weight per class of the job (``[]`` becomes uniform).
+
+        Raises:
+            JobConfigError: ``class_crop_ratios`` is not empty and not one weight per class.
+        """
+        ratios = per_class_values(self.class_crop_ratios, class_names, "preprocessing.class_crop_ratios")
+        return replace(self, class_crop_ratios=tuple(ratios) or (1.0,) * len(class_names))
 
 
 def orientation_transform() -> Orientationd:
@@ -135,6 +151,8 @@ def resample_and_normalise_transform(cfg: PreprocessConfig) -> Compose:
 def patch_sampler(cfg: PreprocessConfig) -> RandCropByPosNegLabeld | RandCropByLabelClassesd:
     """The random crop that picks ``samples_per_volume`` patch centres per volume (see ``crop_sampling``)."""
     if cfg.crop_sampling == "by_class":
+        if not cfg.class_crop_ratios:
+            raise ValueError("crop_sampling 'by_class' needs one weight per class: use PreprocessConfig.for_classes")
         return RandCropByLabelClassesd(
             keys=KEYS,
             label_key="label",

@@ -23,6 +23,7 @@ from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
 
 from fedseg3d.data.errors import DataError
 from fedseg3d.data.site_config import SiteConfig, find_site_config
+from fedseg3d.data.task import JobConfigError, parse_class_names, per_class_values
 from fedseg3d.data.transforms import PreprocessConfig
 from fedseg3d.privacy.accounting import PATIENT, Mechanism
 from fedseg3d.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedgerError
@@ -38,7 +39,8 @@ class SegmentationLearner(Learner):
     """Federated 3D segmentation at one site: FedAvg or FedBN, with validation and per-site checkpoints.
 
     Args:
-        class_names: class index (as a string, JSON keys are strings) -> name; index 0 is background.
+        class_names: the consortium's classes, background first: a list of names or its JSON text (the job's
+            ``class_names`` knob), or ``{"0": name, ...}``.
         preprocessing: the job's preprocessing block (see ``PreprocessConfig``).
         training: the job's training block (see ``TrainingConfig``).
         tb_writer_id: id of a FLARE ``TBWriter`` component that streams metrics to the server's TensorBoard;
@@ -48,11 +50,15 @@ class SegmentationLearner(Learner):
             ledger (``fedseg3d.privacy.spend``) before the update is returned; a refused round sends nothing.
         require_budget: with DP-SGD, refuse to train when the site has no privacy budget file. When false, such a
             site still trains with DP-SGD and reports the epsilon of this job only.
+
+    Raises:
+        JobConfigError, ValueError: the job's settings are malformed or do not fit together (e.g. a per-class list
+            whose length is not the class count); FLARE then stops the job at start with this message.
     """
 
     def __init__(
         self,
-        class_names: dict[str, str],
+        class_names: list[str] | str | dict[str, str],
         preprocessing: dict[str, Any] | None = None,
         training: dict[str, Any] | None = None,
         tb_writer_id: str = "tb_writer",
@@ -60,12 +66,12 @@ class SegmentationLearner(Learner):
         require_budget: bool = True,
     ) -> None:
         super().__init__()
-        # Parse now: a bad job config fails at job start with the field named, not in the middle of round 3.
-        self.class_names = {int(k): str(v) for k, v in class_names.items()}
-        if sorted(self.class_names) != list(range(len(self.class_names))) or len(self.class_names) < 2:
-            raise ValueError(f"class_names must map 0..N-1 (N >= 2) to names, got {class_names}")
-        self.preprocessing = PreprocessConfig.from_dict(preprocessing)
+        # Parse now: a bad job config fails at job start with the field named, not in the middle of round 3, and is
+        # reported as the job's error (JobConfigError), never as a site whose data is not usable.
+        self.class_names = parse_class_names(class_names)
+        self.preprocessing = PreprocessConfig.from_dict(preprocessing).for_classes(self.class_names)
         self.training = TrainingConfig(**(training or {}))
+        per_class_values(self.training.class_loss_weights, self.class_names, "training.class_loss_weights")
         self.tb_writer_id = tb_writer_id
         self.dp_sgd = DPSGDConfig.from_dict(dp_sgd)
         if not isinstance(require_budget, bool):
@@ -89,6 +95,8 @@ class SegmentationLearner(Learner):
         workspace = fl_ctx.get_engine().get_workspace()
         try:
             trainer = self._make_trainer(workspace, fl_ctx)
+        except JobConfigError:
+            raise  # the job's fault, not this site's data: stop the job with it (the constructor checks most)
         except (DataError, ValueError) as err:
             self.setup_error = str(err)
             self.log_error(fl_ctx, f"site data not usable, this site will fail its tasks: {err}")

@@ -34,6 +34,7 @@ import torch
 
 from fedseg3d.data.datalist import Datalist, load_datalist
 from fedseg3d.data.dataset import CasePreparer, prepare_cases
+from fedseg3d.data.task import parse_class_names
 from fedseg3d.data.transforms import PreprocessConfig
 from fedseg3d.models.checkpoint import check_state_matches, read_checkpoint, save_checkpoint
 from fedseg3d.models.presets import build_model
@@ -64,7 +65,7 @@ class PretrainResult:
 def job_settings(job_dir: Path) -> tuple[dict[int, str], PreprocessConfig, TrainingConfig]:
     """The classes, preprocessing and training knobs of a job, as its sites would train with them."""
     args = learner_args(job_dir)
-    class_names = {int(k): str(v) for k, v in args["class_names"].items()}
+    class_names = parse_class_names(args["class_names"])
     preprocessing = PreprocessConfig.from_dict(args.get("preprocessing"))
     return class_names, preprocessing, TrainingConfig(**args.get("training", {}))
 

@@ -38,6 +38,7 @@ import torch
 
 from fedseg3d.data.datalist import load_datalist
 from fedseg3d.data.site_config import SiteConfig
+from fedseg3d.data.task import parse_class_names
 from fedseg3d.data.transforms import PreprocessConfig
 from fedseg3d.models.local_state import load_shared_state
 from fedseg3d.privacy.membership_audit import AuditResult, audit_model
@@ -91,7 +92,7 @@ def load_job_setup(run_dir: Path) -> JobSetup:
         if {"class_names", "preprocessing", "training"} <= set(args):
             training = {k: v for k, v in args["training"].items() if k in TrainingConfig.__dataclass_fields__}
             return JobSetup(
-                class_names={int(k): str(v) for k, v in args["class_names"].items()},
+                class_names=parse_class_names(args["class_names"]),
                 preprocessing=PreprocessConfig.from_dict(args["preprocessing"]),
                 training=TrainingConfig(**training),
                 config_path=path,

@@ -375,7 +375,7 @@ def train_dpsgd(
     dp_optimizer = make_dp_optimizer(optimizer, config)
     accountant = RDPAccountant()
     dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
-    loss_fn = (loss_fn or make_loss()).to(device)  # must be a mean of per-patient terms (see PerCaseLoss)
+    loss_fn = (loss_fn or make_loss()).to(device)  # must be a mean of per-patch terms (see fedseg3d.training.loss)
     grad_module.train()
     started = time.perf_counter()
     steps, patches, loss_sum, loss_steps = 0, 0, 0.0, 0

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from monai.data import DataLoader
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss
 
 from fedseg3d.training.dice import ClassDiceAccumulator
+from fedseg3d.training.loss import PresentClassDiceCELoss
 
 logger = logging.getLogger(__name__)
 
@@ -42,34 +42,14 @@ class EvalResult:
         return metrics
 
 
-class PerCaseLoss(torch.nn.Module):
-    """The mean over the batch of ``loss`` computed on each case alone.
-
-    Why: a class-weighted cross-entropy divides by the summed weights of every voxel in the batch, so one case's
-    loss depends on the other cases' labels. DP-SGD's accounting assumes the batch loss is a mean of per-patient
-    terms (each patient's clipped gradient is its whole influence); computing the loss case by case restores that.
-    """
-
-    def __init__(self, loss: torch.nn.Module) -> None:
-        super().__init__()
-        self.loss = loss
-
-    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        per_case = [self.loss(prediction[i : i + 1], target[i : i + 1]) for i in range(prediction.shape[0])]
-        return torch.stack(per_case).mean()
-
-
 def make_loss(class_weights: Sequence[float] = ()) -> torch.nn.Module:
-    """Dice + cross-entropy: Dice handles the class imbalance of small lesions, CE keeps early gradients sane.
+    """Dice + cross-entropy: Dice handles the class imbalance of small structures, CE keeps early gradients sane.
 
-    ``class_weights`` (one per class, background first) scale each class's Dice and cross-entropy terms (MONAI's
-    ``DiceCELoss(weight=...)``), computed per case (``PerCaseLoss``); none, or all 1, is the unweighted loss.
-    Unweighted, the loss is a mean of per-case terms as it is (Dice per case, cross-entropy over equal-sized patches).
+    Dice counts only the classes present in each patch, each patch's loss is its own (``fedseg3d.training.loss``),
+    so the batch loss is a mean of per-patch terms as DP-SGD needs. ``class_weights`` (one per class, background
+    first; empty for uniform) scale each class's Dice and cross-entropy terms.
     """
-    if not class_weights or all(w == 1 for w in class_weights):
-        return DiceCELoss(to_onehot_y=True, softmax=True)
-    weight = torch.tensor([float(w) for w in class_weights])
-    return PerCaseLoss(DiceCELoss(to_onehot_y=True, softmax=True, weight=weight))
+    return PresentClassDiceCELoss(class_weights)
 
 
 def train_local(

@@ -22,6 +22,7 @@ from monai.utils import set_determinism
 from fedseg3d.data.datalist import Datalist, load_datalist
 from fedseg3d.data.dataset import CasePreparer, PreparedCases, make_train_loader, prepare_cases
 from fedseg3d.data.site_config import SiteConfig
+from fedseg3d.data.task import json_list, per_class_values
 from fedseg3d.data.transforms import PreprocessConfig
 from fedseg3d.models.local_state import load_local_state, load_shared_state, shared_state_numpy, split_local_state
 from fedseg3d.models.presets import build_model, count_parameters
@@ -61,8 +62,8 @@ class TrainingConfig:
             the local loss; 0 disables it. The term itself is given to ``SiteTrainer`` (the FLARE learner passes
             FLARE's ``PTFedProxLoss``), which keeps this package free of nvflare.
         class_loss_weights: one weight per class (background first) for the Dice and cross-entropy terms of the
-            loss (``fedseg3d.training.loops.make_loss``); empty or all 1 is the unweighted loss. A class the
-            network learns late (the lesion) can be weighted up. Same for DP-SGD, whose loss stays per patient.
+            loss (``fedseg3d.training.loss``), a list or its JSON text; empty or all 1 is the unweighted loss. A
+            class the network learns late (a lesion) can be weighted up. Same for DP-SGD, whose loss stays per patch.
     """
 
     model_preset: str = "unet3d_tiny"
@@ -79,7 +80,7 @@ class TrainingConfig:
     class_loss_weights: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        weights = tuple(self.class_loss_weights or ())
+        weights = tuple(json_list(self.class_loss_weights or [], "training.class_loss_weights"))
         if not all(isinstance(w, int | float) and not isinstance(w, bool) and w >= 0 for w in weights) or (
             weights and sum(weights) <= 0
         ):
@@ -150,8 +151,8 @@ class SiteTrainer:
         relabel: maps the site's own label IDs to the job's class indices (``LabelMap.for_classes``), a site fact.
 
     Raises:
-        ValueError: ``fedprox_mu > 0`` without a ``proximal_loss``, or together with ``dp_sgd``; ``class_crop_ratios``
-            without one weight per class.
+        ValueError: ``fedprox_mu > 0`` without a ``proximal_loss``, or together with ``dp_sgd``.
+        JobConfigError: ``class_crop_ratios`` or ``class_loss_weights`` neither empty nor one value per class.
     """
 
     def __init__(
@@ -176,18 +177,9 @@ class SiteTrainer:
         self.proximal_loss = proximal_loss if training.fedprox_mu > 0 else None
         self.site_name = site_name
         self.class_names = dict(sorted(class_names.items()))
-        per_class = {
-            "preprocessing.class_crop_ratios": preprocessing.class_crop_ratios
-            if preprocessing.crop_sampling == "by_class"
-            else (),
-            "training.class_loss_weights": training.class_loss_weights,
-        }
-        for field_name, weights in per_class.items():
-            if weights and len(weights) != len(self.class_names):
-                raise ValueError(
-                    f"{field_name} has {len(weights)} weight(s) but the job has {len(self.class_names)} classes "
-                    f"{list(self.class_names.values())}: give one per class"
-                )
+        # The job's per-class lists must fit its classes (the learner checks this at job start too).
+        preprocessing = preprocessing.for_classes(self.class_names)
+        per_class_values(training.class_loss_weights, self.class_names, "training.class_loss_weights")
         # The same for every round: built once.
         self.loss_fn = make_loss(training.class_loss_weights)
         self.preprocessing = preprocessing

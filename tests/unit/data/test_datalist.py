@@ -40,6 +40,8 @@ def test_paths_resolve_against_data_root(tmp_path):
         ({**good(), "validation": [{"image": "b.nii.gz"}]}, "validation[0].label must be a non-empty path"),
         ({**good(), "labels": {"0": "background", "1": "liver"}}, "but the job expects"),
         ({**good(), "training": "a.nii.gz"}, "must be a list"),
+        ({k: v for k, v in good().items() if k != "labels"}, "datalist has no 'labels' field"),
+        ({**good(), "labels": {"1": "organ"}}, "field 'labels' must map 0 (background) .. N-1"),
     ],
 )
 def test_bad_datalists_name_the_file_and_field(tmp_path, content, message):
@@ -53,3 +55,11 @@ def test_bad_datalists_name_the_file_and_field(tmp_path, content, message):
 def test_missing_datalist(tmp_path):
     with pytest.raises(DataError, match="datalist file not found"):
         load_datalist(tmp_path / "nope.json", tmp_path)
+
+
+def test_a_datalist_without_labels_is_refused_even_when_no_classes_are_expected(tmp_path):
+    # The old behaviour took the job's classes silently: a binary datalist then trained the job's 3 classes.
+    path = write(tmp_path, {k: v for k, v in good().items() if k != "labels"})
+    with pytest.raises(DataError, match="no 'labels' field: declare the classes") as err:
+        load_datalist(path, tmp_path)
+    assert str(path) in str(err.value)

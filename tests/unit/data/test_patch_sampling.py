@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedseg3d.data.task import JobConfigError
 from fedseg3d.data.transforms import PreprocessConfig, train_augment_transform
 from fedseg3d.training.site_trainer import SiteTrainer, TrainingConfig
 
@@ -49,7 +50,7 @@ def test_by_class_puts_the_small_class_in_as_many_patches_as_its_ratio_asks():
     ("raw", "message"),
     [
         ({"crop_sampling": "lesion"}, "crop_sampling must be one of"),
-        ({"crop_sampling": "by_class"}, r"class_crop_ratios must be one non-negative weight per class.*got \[\]"),
+        ({"crop_sampling": "by_class", "class_crop_ratios": "[1, x]"}, "class_crop_ratios must be a JSON list"),
         ({"crop_sampling": "by_class", "class_crop_ratios": [1, -1, 1]}, "non-negative"),
         ({"crop_sampling": "by_class", "class_crop_ratios": [0, 0, 0]}, "not all 0"),
     ],
@@ -62,5 +63,11 @@ def test_bad_crop_settings_name_the_field(raw, message):
 def test_ratios_for_another_number_of_classes_are_refused_before_any_data_is_read(tmp_path: Path):
     preprocessing = PreprocessConfig.from_dict({"crop_sampling": "by_class", "class_crop_ratios": [1, 2]})
     classes = {0: "background", 1: "organ", 2: "lesion"}
-    with pytest.raises(ValueError, match=r"class_crop_ratios has 2 weight\(s\) but the job has 3 classes"):
+    with pytest.raises(JobConfigError, match=r"class_crop_ratios has 2 value\(s\) but class_names has 3 classes"):
         SiteTrainer("site-1", None, classes, preprocessing, TrainingConfig(), tmp_path)  # type: ignore[arg-type]
+
+
+def test_empty_ratios_are_uniform_over_the_jobs_classes():
+    preprocessing = PreprocessConfig.from_dict({"crop_sampling": "by_class", "class_crop_ratios": "[]"})
+    classes = {0: "background", 1: "liver", 2: "spleen", 3: "kidney"}
+    assert preprocessing.for_classes(classes).class_crop_ratios == (1.0, 1.0, 1.0, 1.0)

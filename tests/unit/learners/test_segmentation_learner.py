@@ -11,6 +11,7 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants, ValidateType
 
 from fedseg3d.data.datalist import load_datalist
+from fedseg3d.data.task import JobConfigError
 from fedseg3d.learners.segmentation_learner import SegmentationLearner
 from fedseg3d.models.local_state import batchnorm_state_keys, shared_state_numpy, split_local_state
 from fedseg3d.models.presets import build_model
@@ -118,7 +119,7 @@ def test_bad_job_config_fails_at_construction():
     args = learner_args()
     with pytest.raises(ValueError, match="preprocessing has unknown field"):
         SegmentationLearner(**{**args, "preprocessing": {"roi": [1, 2, 3]}})
-    with pytest.raises(ValueError, match="class_names must map 0..N-1"):
+    with pytest.raises(JobConfigError, match="class_names keys must be class indices 0..N-1"):
         SegmentationLearner(**{**args, "class_names": {"1": "organ"}})
 
 
