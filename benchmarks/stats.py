@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from scipy.stats import chi2
 from scipy.stats import t as student_t
 
 CONFIDENCE = 0.95
@@ -119,3 +120,15 @@ def seeds_for_half_width(sd: float, target: float, confidence: float = CONFIDENC
     while n < limit and t_quantile(n, confidence) * sd / math.sqrt(n) > target:
         n += 1
     return n
+
+
+def sd_upper_bound(sd: float, n: int, confidence: float = CONFIDENCE) -> float:
+    """The one-sided upper confidence bound of a standard deviation estimated from ``n`` values (chi-square): a
+    spread measured on few seeds may be much larger, and a seed count planned from it should say so.
+
+    Raises:
+        ValueError: ``n`` below 2.
+    """
+    if n < 2:
+        raise ValueError(f"a standard deviation needs at least 2 values, got {n}")
+    return sd * math.sqrt((n - 1) / float(chi2.ppf(1 - confidence, n - 1)))

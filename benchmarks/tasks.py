@@ -49,7 +49,9 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def synthetic_sites(root: Path, sites: int, seed: int, fov_mm: float, cases_scale: float, val_cases: int | None) -> Path:
+def synthetic_sites(
+    root: Path, sites: int, seed: int, fov_mm: float, cases_scale: float, val_cases: int | None
+) -> Path:
     """Draw the synthetic sites for one seed under ``root/seed-<seed>`` (a seed is a fresh draw of the consortium's
     patients and scanners, so the interval over seeds covers the validation cases as well as training)."""
     out = root / f"seed-{seed}"

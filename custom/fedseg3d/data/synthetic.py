@@ -65,9 +65,7 @@ class ScannerProfile:
     n_val: int
 
 
-def make_profile(
-    site_index: int, seed: int, cases_scale: float = 1.0, val_cases: int | None = None
-) -> ScannerProfile:
+def make_profile(site_index: int, seed: int, cases_scale: float = 1.0, val_cases: int | None = None) -> ScannerProfile:
     """Derive site ``site_index`` (0-based) from the seed: geometry from fixed tables, the rest drawn at random.
 
     Polarity alternates by index (site-1 bright, site-2 dark, ...) so that any two sites already disagree on it.

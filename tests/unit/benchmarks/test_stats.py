@@ -9,6 +9,7 @@ from benchmarks.stats import (
     mean_interval,
     paired_differences,
     paired_interval,
+    sd_upper_bound,
     seeds_for_half_width,
     t_quantile,
     verdict,
@@ -57,7 +58,10 @@ def test_verdicts():
     assert verdict(Interval(0.03, 0.01, 0.05, 3, 0.01), 0.0)[0] == "met"
     status, sentence = verdict(Interval(-0.05, -0.07, -0.03, 3, 0.01), -0.01)
     assert status == "missed" and sentence.startswith("missed by 0.0400")
-    assert verdict(Interval(0.0, -0.02, 0.02, 3, 0.01), 0.0) == ("not resolved", "not resolved (interval straddles +0.00)")
+    assert verdict(Interval(0.0, -0.02, 0.02, 3, 0.01), 0.0) == (
+        "not resolved",
+        "not resolved (interval straddles +0.00)",
+    )
     assert verdict(mean_interval([0.2]), 0.0)[0] == "not resolved"
     assert verdict(mean_interval([]), 0.0)[0] == "no data"
 
@@ -71,3 +75,10 @@ def test_seeds_for_a_target_half_width():
     assert t_quantile(n) * 0.02 / math.sqrt(n) <= 0.01 < t_quantile(n - 1) * 0.02 / math.sqrt(n - 1)
     with pytest.raises(ValueError, match="target"):
         seeds_for_half_width(0.05, 0.0)
+
+
+def test_upper_bound_of_a_standard_deviation():
+    # 2 values (1 df): chi2 5 % quantile 0.0039321, so the bound is sd * sqrt(1 / 0.0039321) = 15.947 sd.
+    assert sd_upper_bound(1.0, 2) == pytest.approx(15.947, abs=1e-3)
+    # 10 values (9 df): chi2 5 % quantile 3.3251, bound sqrt(9 / 3.3251) = 1.6452.
+    assert sd_upper_bound(0.05, 10) == pytest.approx(0.05 * 1.6452, abs=1e-4)
