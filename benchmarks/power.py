@@ -65,8 +65,8 @@ def power_markdown(power: dict[str, Any]) -> list[str]:
         f"With {power['seeds']} seeds that spread is itself uncertain: its 95% upper bound is "
         f"{power['sd_upper_95']:.4f}, which would need {power['seeds_at_sd_upper']} seeds.",
         "",
-        f"Seeds needed for +-{power['target']:.2f} (one seed = every method once, {hours:.2f} h here): more "
-        "validation cases help only as far as the spread is validation-case noise, so each row gives both ends.",
+        f"Seeds needed for +-{power['target']:.2f} (one seed = every method of this run once, {hours:.2f} h here): "
+        "more validation cases help only as far as the spread is validation-case noise, so each row gives both ends.",
         "",
         "| validation cases per site | seeds if the spread is all case noise | seeds if it is all model noise | "
         "hours (best - worst) |",
