@@ -2,9 +2,10 @@
 POC cost, report with intervals.
 
 Usage:
-    python -m benchmarks.run --mode full  [--seeds 0,1,2] [--data synthetic|real] [--out docs/benchmark]
-    python -m benchmarks.run --mode quick [--out workspace/bench/quick/report]
-    python -m benchmarks.run --mode full --data real --real-root data/real   # after: fedseg3d data real --out data/real
+    python -m benchmarks.run --mode full  [--seeds 0,1,2] [--out docs/benchmark]
+    python -m benchmarks.run --mode quick [--out workspace/bench/quick-synthetic/report]
+    python -m benchmarks.run --mode full --data real --real-root data/real   # docs/benchmark/real; first run
+        fedseg3d data real --out data/real
     (overrides: --sites N --rounds R --local-epochs E --local-steps S --val-cases V --methods fedbn,pooled --no-poc)
 
 Every method runs once per seed with the same seeds; the report gives each method's Dice per site and per class with
@@ -265,6 +266,14 @@ def render(out_dir: Path) -> None:
     print(summary_text(results))
 
 
+def default_out(cfg: BenchConfig) -> Path:
+    """One current report per task: ``docs/benchmark`` (synthetic) and ``docs/benchmark/real``; quick mode writes
+    under ``workspace/`` only."""
+    if cfg.mode == "quick":
+        return REPO / "workspace" / "bench" / f"quick-{cfg.task}" / "report"
+    return REPO / "docs" / "benchmark" / ("real" if cfg.task == "real" else "")
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -287,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real-root", type=Path, default=REPO / "data" / "real", help="sites of `fedseg3d data real`")
     parser.add_argument("--seeds", type=_int_list, help="comma-separated seeds, the same for every method")
     parser.add_argument("--methods", type=_methods, help=f"comma-separated subset of {','.join(ALL_METHODS)}")
-    parser.add_argument("--out", type=Path, default=None, help="report folder (full: docs/benchmark)")
+    parser.add_argument("--out", type=Path, default=None, help="report folder (full: docs/benchmark[/real])")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default workspace/bench/<mode>)")
     parser.add_argument("--sites", type=int)
     parser.add_argument("--rounds", type=int)
@@ -315,9 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         val_cases=args.val_cases,
         poc=False if args.no_poc else None,
     )
-    out = args.out or (
-        REPO / "docs" / "benchmark" if cfg.mode == "full" else REPO / "workspace" / "bench" / "quick" / "report"
-    )
+    out = args.out or default_out(cfg)
     work = (args.work or REPO / "workspace" / "bench" / f"{cfg.mode}-{cfg.task}").resolve()
     command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
     results = run(cfg, out, work, command.strip(), args.timeout, args.real_root.resolve())
