@@ -26,7 +26,7 @@ ORG ?=
 PRIVACY_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install data realdata jobs sim poc poc-stop test test-unit test-e2e test-poc lint format clean provision add-site deploy-local test-deploy audit bench-privacy bench bench-quick bench-compression
+.PHONY: help install data realdata jobs sim poc poc-stop test test-unit test-e2e test-poc lint format clean provision add-site deploy-local test-deploy audit bench-privacy bench bench-quick bench-real bench-compression
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -88,11 +88,14 @@ test-deploy: install ## provisioned-kit deployment and security tests on a free 
 	$(PY) -m pytest -q tests/deploy $(PYTEST_ARGS)
 
 BENCH_MODE ?= full
-bench: install ## benchmark: local-only, pooled, FedAvg, FedProx, FedBN, POC cost; report (BENCH_MODE=full|quick)
-	$(PY) -m benchmarks.run --mode $(BENCH_MODE)
+bench: install ## benchmark: 6 methods x 3 seeds, 95% intervals, goals, POC cost (BENCH_MODE=full|quick; BENCH_ARGS='--seeds 0,1,2')
+	$(PY) -m benchmarks.run --mode $(BENCH_MODE) $(BENCH_ARGS)
 
-bench-quick: install ## the benchmark's quick mode (2 sites, 2 rounds, tiny volumes; report under workspace/bench)
-	$(PY) -m benchmarks.run --mode quick
+bench-quick: install ## the benchmark's quick mode (2 sites, 2 rounds, 2 seeds, tiny volumes; report under workspace/bench)
+	$(PY) -m benchmarks.run --mode quick $(BENCH_ARGS)
+
+bench-real: realdata ## the benchmark on the real sites in REALDATA (3 sites, 3 seeds; BENCH_ARGS as for bench)
+	$(PY) -m benchmarks.run --mode $(BENCH_MODE) --data real --real-root $(REALDATA) $(BENCH_ARGS)
 
 lint: install ## ruff check and format check
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -18,8 +18,9 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from benchmarks.config import JOBS_DIR, BenchConfig
+from benchmarks.config import JOBS_DIR, BenchConfig, job_overrides
 from fedseg3d.data.site_config import SITES_ROOT_ENV
 from fedseg3d.privacy.site_budget import PRIVACY_DIR_ENV, write_site_budget
 from fedseg3d.tools.build_jobs import build_jobs
@@ -33,6 +34,7 @@ GLOBAL = "global"
 UNREACHABLE_BUDGET = 1e6
 BUDGET_DELTA = 1e-5
 KEY_METRIC = "val_mean_dice"
+CLASS_PREFIX = "val_dice_"
 
 
 @dataclass
@@ -42,6 +44,7 @@ class FederatedResult:
     Attributes:
         per_round: rounds completed (0 = initial model) -> site -> Dice of the global model at that site.
         matrix: evaluating site -> model owner (a site, or ``global`` for the final global model) -> Dice.
+        class_matrix: the same, with each foreground class's Dice (``val_dice_<class>``) in place of the mean.
         rounds: one dict per (round, site) contribution: time, train_seconds, train_cases, train_voxels, ...
         bytes_per_round: direction -> round -> bytes summed over sites.
         epsilon: site -> the largest privacy epsilon the site reported (DP jobs only).
@@ -51,6 +54,7 @@ class FederatedResult:
     job: str
     per_round: dict[int, dict[str, float]] = field(default_factory=dict)
     matrix: dict[str, dict[str, float]] = field(default_factory=dict)
+    class_matrix: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     rounds: list[dict] = field(default_factory=list)
     bytes_per_round: dict[str, dict[int, int]] = field(default_factory=dict)
     epsilon: dict[str, float] = field(default_factory=dict)
@@ -106,43 +110,49 @@ def job_variables(job: str) -> set[str]:
     return names
 
 
-def build_bench_job(cfg: BenchConfig, job: str, out_dir: Path) -> Path:
-    """The committed job with this benchmark's rounds, epochs, seed and sites, plus the byte probes.
+def build_bench_job(cfg: BenchConfig, job: str, out_dir: Path, knobs: dict[str, Any] | None = None) -> Path:
+    """The committed job with the task's and method's ``knobs``, this benchmark's rounds, local work, seed and
+    sites, plus the byte probes.
 
     A job without a ``local_epochs`` knob keeps its own notion of local work (every committed job has one today;
     DP-SGD reads it as expected passes over the patients).
     """
-    overrides = {
-        "num_rounds": cfg.rounds,
-        "local_epochs": cfg.local_epochs,
-        "local_steps": 0,
-        "seed": cfg.seed,
-        "sites_per_round": cfg.sites,
-        "min_sites_per_round": cfg.sites,
-    }
+    overrides = job_overrides(cfg, knobs or {})
     known = job_variables(job)
+    if "quant_seed" in known:
+        overrides["quant_seed"] = cfg.seed  # the rounding noise is part of a seed's run too
     if "local_epochs" not in known:
         print(f"[bench] {job} has no local_epochs knob: it runs its own local work per round", flush=True)
-    overrides = {name: value for name, value in overrides.items() if name in known or name != "local_epochs"}
+        overrides.pop("local_epochs")
     (job_dir,) = build_jobs(JOBS_DIR, out_dir, [job], overrides, min_clients=cfg.sites)
     add_byte_probes(job_dir)
     seed_initial_model(job_dir, cfg.seed)
     return job_dir
 
 
-def run_simulated(cfg: BenchConfig, job: str, sites_root: Path, work_dir: Path, timeout: float) -> FederatedResult:
-    """Run ``job`` in the FLARE simulator (one thread per site) and parse its outputs.
+def run_simulated(
+    cfg: BenchConfig,
+    job: str,
+    sites_root: Path,
+    work_dir: Path,
+    timeout: float,
+    knobs: dict[str, Any] | None = None,
+    name: str | None = None,
+) -> FederatedResult:
+    """Run ``job`` with ``knobs`` in the FLARE simulator (one thread per site) and parse its outputs; ``name`` (the
+    method) names its build and workspace folders, so two methods from one job do not overwrite each other.
 
     Raises:
         RuntimeError: the simulator failed.
     """
-    job_dir = build_bench_job(cfg, job, work_dir / "jobs")
-    workspace = work_dir / "sim" / job
+    name = name or job
+    job_dir = build_bench_job(cfg, job, work_dir / "jobs" / name, knobs)
+    workspace = work_dir / "sim" / name
     shutil.rmtree(workspace, ignore_errors=True)  # FLARE and the byte probes append to files left by an earlier run
     workspace.mkdir(parents=True)
-    log_path = workspace.parent / f"{job}.log"
+    log_path = workspace.parent / f"{name}.log"
     # Each run gets fresh site ledgers, so no run's spend is charged to another's.
-    privacy_dir = workspace.parent / "privacy" / job
+    privacy_dir = workspace.parent / "privacy" / name
     shutil.rmtree(privacy_dir, ignore_errors=True)
     for site in cfg.site_names:
         write_site_budget(privacy_dir / site, UNREACHABLE_BUDGET, BUDGET_DELTA, overwrite=True)
@@ -179,10 +189,15 @@ def parse_run(job: str, server_run: Path, site_runs: dict[str, Path]) -> Federat
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: the {job} run did not finish")
     for site, scores in json.loads(matrix_path.read_text()).items():
-        result.matrix[site] = {
-            (GLOBAL if owner == "SRV_FL_global_model.pt" else owner): metrics[KEY_METRIC]
+        owners = {
+            (GLOBAL if owner == "SRV_FL_global_model.pt" else owner): metrics
             for owner, metrics in scores.items()
             if owner != "SRV_best_FL_global_model.pt"
+        }
+        result.matrix[site] = {owner: metrics[KEY_METRIC] for owner, metrics in owners.items()}
+        result.class_matrix[site] = {
+            owner: {k.removeprefix(CLASS_PREFIX): v for k, v in metrics.items() if k.startswith(CLASS_PREFIX)}
+            for owner, metrics in owners.items()
         }
     contributions = read_jsonl(contributions_path)
     last_round = -1

@@ -100,8 +100,11 @@ def round_overhead(result: FederatedResult) -> tuple[dict[int, float], dict[int,
     return wall, {r: slowest[r] for r in wall}, overhead
 
 
-def run_poc_cost(cfg: BenchConfig, sites_root: Path, work_dir: Path, timeout: float, log=print) -> PocCost:
+def run_poc_cost(
+    cfg: BenchConfig, sites_root: Path, work_dir: Path, timeout: float, log=print, knobs: dict | None = None
+) -> PocCost:
     """Prepare, start (timed until all sites registered), submit, sample memory, download, stop; parse the run.
+    ``knobs`` are the task's job knobs (``benchmarks.tasks``).
 
     Raises:
         RuntimeError: the job did not complete.
@@ -111,7 +114,7 @@ def run_poc_cost(cfg: BenchConfig, sites_root: Path, work_dir: Path, timeout: fl
     if workspace.exists():
         shutil.rmtree(workspace)
     layout = load_layout(workspace)
-    job_dir = build_bench_job(cfg, cfg.cost_job, work_dir / "poc_jobs")
+    job_dir = build_bench_job(cfg, cfg.cost_job, work_dir / "poc_jobs", knobs)
     participants = [layout.server_name, *cfg.site_names]
     with ports_lock(log):
         prepare(layout, sites_root, cfg.site_names)

@@ -1,7 +1,7 @@
 """Render ``results.json`` as fixed-width tables (stdout), PNG plots and ``report.md``.
 
-Plots use matplotlib's headless Agg backend. A plot whose data does not exist in this build (DP epsilon when no DP
-job ran) is not drawn; the report says so instead.
+Plots use matplotlib's headless Agg backend. A plot whose data does not exist in a run (bytes when no federated
+method ran) is not drawn; the report says so instead.
 """
 
 from __future__ import annotations
@@ -17,7 +17,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.summary import LOCAL_ONLY, POOLED, mean_curve  # noqa: E402
 
-LABELS = {LOCAL_ONLY: "local-only", POOLED: "pooled", "fedavg": "FedAvg", "fedprox": "FedProx", "fedbn": "FedBN"}
+LABELS = {
+    LOCAL_ONLY: "local-only",
+    POOLED: "pooled",
+    "fedavg": "FedAvg",
+    "fedprox": "FedProx",
+    "fedbn": "FedBN",
+    "fedbn_int3": "FedBN-int3",
+}
 
 
 def label(method: str) -> str:
@@ -133,33 +140,40 @@ def plot_dice_vs_bytes(results: dict, path: Path) -> bool:
     return drawn
 
 
-def plot_dice_vs_epsilon(results: dict, path: Path) -> bool:
-    points = [(max(raw["epsilon"].values()), results["summary"][m]["global_mean"], m)
-              for m, raw in results["methods"].items() if raw.get("epsilon")]  # fmt: skip
-    if not points:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for eps, dice, method in points:
-        ax.scatter([eps], [dice], label=label(method))
-    ax.set_xlabel("largest epsilon spent by a site")
-    ax.set_ylabel("mean Dice of the global model")
-    ax.legend()
+def plot_dice_intervals(results: dict, path: Path) -> None:
+    """Each method's mean Dice per site and over sites, with its 95% interval over seeds as an error bar."""
+    stats, sites = results["stats"], results["config"]["site_names"]
+    groups = [*sites, "mean"]
+    methods = stats["methods"]
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    for i, method in enumerate(methods):
+        raws = [stats["per_site"][method].get(s) for s in sites] + [stats["mean"][method]]
+        means = [r["mean"] if r else math.nan for r in raws]
+        errors = [[r["mean"] - r["low"] if r and r["n"] > 1 else 0.0 for r in raws],
+                  [r["high"] - r["mean"] if r and r["n"] > 1 else 0.0 for r in raws]]  # fmt: skip
+        xs = [x + i * width for x in range(len(groups))]
+        ax.bar(xs, means, width, label=label(method), yerr=errors, capsize=2)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))], groups)
+    ax.set_ylabel("validation Dice (final model)")
+    ax.set_title(f"mean and 95% interval over seeds {', '.join(stats['seeds'])}")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, ncol=3)
+    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
 
 
 def write_plots(results: dict, out_dir: Path) -> dict[str, str | None]:
     """Draw every plot that has data; returns plot name -> file name (None: not drawn, no data)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    plot_dice_intervals(results, out_dir / "dice_intervals.png")
     plot_curves(results, out_dir / "dice_per_round.png")
     plot_per_site(results, out_dir / "dice_per_site.png")
     return {
+        "dice_intervals": "dice_intervals.png",
         "dice_per_round": "dice_per_round.png",
         "dice_per_site": "dice_per_site.png",
         "dice_vs_bytes": "dice_vs_bytes.png" if plot_dice_vs_bytes(results, out_dir / "dice_vs_bytes.png") else None,
-        "dice_vs_epsilon": "dice_vs_epsilon.png"
-        if plot_dice_vs_epsilon(results, out_dir / "dice_vs_epsilon.png")
-        else None,
     }

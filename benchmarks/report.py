@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from benchmarks.power import power_markdown
 from benchmarks.render import dice_tables, label, local_only_matrix, table
+from benchmarks.report_stats import dice_interval_tables, goals_table, paired_table, wall_table
 from benchmarks.summary import mean_curve
 
 
@@ -59,52 +61,62 @@ def cost_sections(results: dict) -> list[str]:
 
 
 def summary_text(results: dict) -> str:
-    """The final tables (also printed to stdout)."""
-    glob, own = dice_tables(results)
-    goal_rows = [[g["goal"], g["measured"], {True: "met", False: "NOT met", None: "not measured"}[g["met"]]]
-                 for g in results["goals"]]  # fmt: skip
-    lines = ["### Global / reference model, validation Dice per site", "", glob, "",
-             "### Each site's own final model at that site", "", own, "",
-             "### Goals (issue 6)", "", table(["goal", "measured", "result"], goal_rows), ""]  # fmt: skip
+    """The final tables (also printed to stdout): intervals over seeds, paired differences, goals, power, cost."""
+    lines = [*dice_interval_tables(results), *paired_table(results), *goals_table(results),
+             *power_markdown(results["power"]), *wall_table(results)]  # fmt: skip
     return "\n".join(lines + cost_sections(results))
 
 
-def report_markdown(results: dict, plots: dict[str, str | None]) -> str:
+def _setup_lines(results: dict) -> list[str]:
     meta, cfg = results["meta"], results["config"]
-    lines = [
-        "# fedseg3d benchmark: does federation pay, and what does it cost",
-        "",
+    work = (
+        f"{cfg['rounds']} rounds x {cfg['local_steps']} local steps"
+        if cfg.get("local_steps")
+        else f"{cfg['rounds']} rounds x {cfg['local_epochs']} local epochs"
+    )
+    data = (
+        f"{cfg['sites']} synthetic sites drawn afresh for every seed (fov {cfg['fov_mm']} mm, cases_scale "
+        f"{cfg['cases_scale']})"
+        if cfg["task"] == "synthetic"
+        else f"{cfg['sites']} real sites (`fedseg3d data real`, one subject each, the same for every seed)"
+    )
+    modalities = ", ".join(f"{s} {m}" for s, m in cfg.get("modalities", {}).items())
+    val = ", ".join(f"{s} {n}" for s, n in cfg.get("val_cases_per_site", {}).items())
+    knobs = ", ".join(f"`{k}={v}`" for k, v in cfg.get("task_overrides", {}).items()) or "none (the stock task)"
+    return [
         f"- command: `{meta['command']}`",
         f"- date (UTC): {meta['date_utc']}; benchmark wall time {meta['wall_seconds'] / 60:.1f} min",
         f"- machine: {meta['machine']}",
         f"- load (os.getloadavg, 1/5/15 min) at start {meta['loadavg_start']}, at end {meta['loadavg_end']}; "
         f"1-min load sampled every 10 s: min {meta['load_1min']['min']:.2f}, mean {meta['load_1min']['mean']:.2f}, "
         f"max {meta['load_1min']['max']:.2f} (the CPU was shared with other work: timings are indicative)",
-        "- phases: "
-        + "; ".join(
-            f"{p['phase']} {p['seconds']:.0f} s (1-min load {p['load_1min_at_start']:.1f} at its start)"
-            for p in meta.get("phases", [])
-        )  # fmt: skip
-        + ".",
-        "- GPU: none on this machine; GPU figures were not run.",
-        f"- setup: mode `{cfg['mode']}`, {cfg['sites']} synthetic sites (seed {cfg['seed']}, fov {cfg['fov_mm']} mm, "
-        f"cases_scale {cfg['cases_scale']}), {cfg['rounds']} rounds x {cfg['local_epochs']} local epochs = "
-        f"**{cfg['total_epochs']} epochs over each site's training data for every method**; model and "
-        f"preprocessing from `jobs/unet3d_fedbn`.",
-        "- Dice is mean foreground Dice (organ, lesion) on each site's validation cases, which no method trains on "
-        "and which select nothing here (final models are scored, not best checkpoints).",
-        "- federated methods ran for real in the FLARE simulator (Dice, bytes); the cost figures come from a "
-        "separate POC run of the same job. Every method starts from the same seeded initial model.",
-        "- equal data budget is not equal optimizer steps: per epoch the pooled model takes one step per batch of "
-        "*all* sites' patches, while each federated round averages site models that each took steps on their own "
-        "data only.",
-        "- one seed, one run per method: the per-round table below shows how much the mean Dice swings from one "
-        "round to the next; differences smaller than that swing are not established by this run.",
-        "- throughput: in POC the sites train at the same time, 4 single-thread processes on the shared cores; the "
-        '"no FLARE" rows train one model at a time on one thread, so they are not slowed by the other sites.',
+        "- phases: " + "; ".join(f"{p['phase']} {p['seconds']:.0f} s" for p in meta.get("phases", [])) + ".",
+        f"- task `{cfg['task']}`: {data}; modality per site: {modalities}; validation cases per site: {val}; "
+        f"task knobs: {knobs}",
+        f"- seeds {', '.join(map(str, cfg['seeds']))}, the same for every method (a seed fixes the initial model, "
+        f"training order and, for synthetic sites, the data); {work} for every method; model and preprocessing "
+        "from `jobs/unet3d_fedbn` built with the task knobs. Runs are not bit-reproducible: the simulator aggregates "
+        "in arrival order, so the interval covers that too.",
+        "- Dice is mean foreground Dice on each site's validation cases, which no method trains on and which select "
+        "nothing here (final models are scored). A class absent from a site's validation cases is left out of that "
+        "site's figures (docs/real_data.md).",
+        "- local-only and pooled build each site's data from its own `site.json` (label map, intensity), as the "
+        "federated sites do; pooled takes `local_steps` steps per site per round when work is counted in steps.",
+    ]
+
+
+def report_markdown(results: dict, plots: dict[str, str | None]) -> str:
+    first = results["stats"]["seeds"][0]
+    lines = [
+        "# fedseg3d benchmark: does federation pay, and what does it cost",
+        "",
+        *_setup_lines(results),
         "",
         summary_text(results),
-        "### Mean Dice after each round",
+        f"### Seed {first} alone: global and own models per site",
+        "",
+        *_first_seed_tables(results),
+        f"### Mean Dice after each round (seed {first})",
         "",
         "Federated: the global model each site received at the start of the round (round 0: the initial model; the "
         "last row: the final global model). Local-only: each site's own model on its own validation cases. Pooled: "
@@ -112,18 +124,18 @@ def report_markdown(results: dict, plots: dict[str, str | None]) -> str:
         "",
         rounds_table(results),
         "",
-        "### Local-only models on every site",
+        f"### Local-only models on every site (seed {first})",
         "",
-        local_only_matrix(results),
+        local_only_matrix(results) if "local_only" in results["methods"] else "local-only did not run.",
         "",
         "### Plots",
         "",
     ]
     captions = {
-        "dice_per_round": "Mean Dice per round",
-        "dice_per_site": "Final Dice per site",
-        "dice_vs_bytes": "Dice against bytes",
-        "dice_vs_epsilon": "Dice against epsilon",
+        "dice_intervals": "Dice per method and site, 95% intervals over seeds",
+        "dice_per_round": f"Mean Dice per round (seed {first})",
+        "dice_per_site": f"Final Dice per site (seed {first})",
+        "dice_vs_bytes": f"Dice against bytes (seed {first})",
     }
     for key, caption in captions.items():
         lines.append(f"![{caption}]({plots[key]})" if plots.get(key) else f"{caption}: not drawn (no data).")
@@ -131,3 +143,8 @@ def report_markdown(results: dict, plots: dict[str, str | None]) -> str:
     lines += ["", "### Not run / not available", ""]
     lines += [f"- {name}: {why}" for name, why in results["not_run"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _first_seed_tables(results: dict) -> list[str]:
+    glob, own = dice_tables(results)
+    return ["Global / reference model:", "", glob, "", "Each site's own final model at that site:", "", own, ""]

@@ -1,11 +1,17 @@
-"""One command for the whole benchmark: data, local-only, pooled, FedAvg, FedProx, FedBN, POC cost, report.
+"""One command for the whole benchmark: data, local-only, pooled, FedAvg, FedProx, FedBN, FedBN-int3 on several seeds,
+POC cost, report with intervals.
 
 Usage:
-    python -m benchmarks.run --mode full  [--out docs/benchmark] [--work workspace/bench/full] [--no-poc]
-    python -m benchmarks.run --mode quick [--out workspace/bench/quick/report]
-    (overrides: --sites N --rounds R --local-epochs E --seed S)
+    python -m benchmarks.run --mode full  [--seeds 0,1,2] [--out docs/benchmark]
+    python -m benchmarks.run --mode quick [--out workspace/bench/quick-synthetic/report]
+    python -m benchmarks.run --mode full --data real --real-root data/real   # docs/benchmark/real; first run
+        fedseg3d data real --out data/real
+    (overrides: --sites N --rounds R --local-epochs E --local-steps S --val-cases V --methods fedbn,pooled --no-poc)
 
-Writes ``results.json``, ``report.md`` and PNG plots into ``--out`` and prints the final tables.
+Every method runs once per seed with the same seeds; the report gives each method's Dice per site and per class with
+a 95% interval over seeds, FedBN's paired difference from each other method, wall times, the goals of issue 25 and
+how many seeds and validation cases a +-0.01 interval needs. Writes ``results.json``, ``report.md`` and PNG plots
+into ``--out`` and prints the final tables.
 """
 
 from __future__ import annotations
@@ -22,20 +28,21 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.config import (
-    FEDERATED_JOBS,
-    JOBS_DIR,
-    REPO,
-    BenchConfig,
-    is_dp_job,
-    is_quantised_job,
-    make_config,
-)
+from benchmarks.aggregate import aggregate, goal_checks
+from benchmarks.config import ALL_METHODS, CENTRALISED_METHODS, FEDERATED_METHODS, REPO, BenchConfig, make_config
 from benchmarks.machine import describe, machine_info
+from benchmarks.power import power_analysis
 from benchmarks.render import write_plots
 from benchmarks.report import report_markdown, summary_text
-from benchmarks.summary import bytes_summary, goals, method_summary, nanmean, throughput_from_totals, throughput_rows
-from fedseg3d.data.synthetic import generate_sites
+from benchmarks.summary import (
+    bytes_summary,
+    method_summary,
+    nanmean,
+    overhead_goal,
+    throughput_from_totals,
+    throughput_rows,
+)
+from benchmarks.tasks import Task, get_task, odd_modality_site, real_sites, site_modalities, synthetic_sites
 
 SCAFFOLD_NOT_RUN = (
     "not run. FLARE 2.9's SCAFFOLD pieces (the `Scaffold` / `ScatterAndGatherScaffold` server workflows and "
@@ -70,50 +77,37 @@ class LoadSampler(threading.Thread):
         return {"min": min(s), "mean": sum(s) / len(s), "max": max(s), "samples": len(s)}
 
 
-def optional_jobs(quick: bool) -> dict[str, str]:
-    """DP and quantised jobs in ``jobs/``, told apart by their knobs (a build without them reports them as not
-    available).
-
-    The quick mode (a CI smoke test) runs one of each kind: enough to prove the path, not the whole sweep.
-    """
-    found: dict[str, str] = {}
-    for path in sorted(p for p in JOBS_DIR.iterdir() if (p / "meta.json").is_file()):
-        if path.name in FEDERATED_JOBS.values():
-            continue
-        if is_dp_job(path.name) or is_quantised_job(path.name):
-            found[path.name.removeprefix("unet3d_")] = path.name
-    if quick:
-        first_dp = next((m for m, job in found.items() if is_dp_job(job) and not is_quantised_job(job)), None)
-        first_q = next((m for m, job in found.items() if is_quantised_job(job) and not is_dp_job(job)), None)
-        found = {m: found[m] for m in (first_dp, first_q) if m is not None}
-    return found
-
-
-def run_federated(cfg: BenchConfig, sites_root: Path, work: Path, methods: dict, timeout: float) -> tuple[dict, dict]:
+def run_federated(
+    cfg: BenchConfig, sites_root: Path, work: Path, task: Task, timeout: float
+) -> tuple[dict, dict, dict[str, float]]:
     from benchmarks.federated import run_simulated
 
-    results, failed = {}, {}
-    for method, job in methods.items():
-        log(f"{method}: simulator run of {job} ({cfg.rounds} rounds x {cfg.local_epochs} epochs, {cfg.sites} sites)")
+    results, failed, walls = {}, {}, {}
+    for method, (job, knobs) in FEDERATED_METHODS.items():
+        if method not in cfg.methods:
+            continue
+        log(f"seed {cfg.seed} {method}: simulator run of {job} ({cfg.rounds} rounds, {cfg.sites} sites)")
+        began = time.perf_counter()
         try:
-            result = run_simulated(cfg, job, sites_root, work, timeout)
+            result = run_simulated(cfg, job, sites_root, work, timeout, {**task.overrides, **knobs}, name=method)
         except Exception as err:  # one failed method must not lose the others' results; it is reported
             failed[method] = f"failed: {type(err).__name__}: {err}"
             log(f"{method} failed: {err}")
             continue
+        walls[method] = time.perf_counter() - began
         raw = dataclasses.asdict(result)
         raw["bytes"] = bytes_summary(result.bytes_per_round)
         results[method] = raw
-        log(f"{method}: done in {result.wall_seconds:.0f} s")
-    return results, failed
+        log(f"seed {cfg.seed} {method}: done in {walls[method]:.0f} s")
+    return results, failed, walls
 
 
-def run_poc(cfg: BenchConfig, sites_root: Path, work: Path, timeout: float) -> dict:
+def run_poc(cfg: BenchConfig, sites_root: Path, work: Path, task: Task, timeout: float) -> dict:
     from benchmarks.poc_cost import median, run_poc_cost
 
-    log(f"POC cost run of {cfg.cost_job}")
+    log(f"POC cost run of {cfg.cost_job} (seed {cfg.seed})")
     try:
-        cost = run_poc_cost(cfg, sites_root, work, timeout, log=log)
+        cost = run_poc_cost(cfg, sites_root, work, timeout, log=log, knobs=task.overrides)
     except Exception as err:  # reported in the output; the Dice part of the benchmark stands on its own
         traceback.print_exc()
         return {"job": cfg.cost_job, "error": f"{type(err).__name__}: {err}"}
@@ -135,43 +129,90 @@ def run_poc(cfg: BenchConfig, sites_root: Path, work: Path, timeout: float) -> d
     }
 
 
-def run(cfg: BenchConfig, out_dir: Path, work: Path, command: str, timeout: float) -> dict:
+def prepare_sites(cfg: BenchConfig, task: Task, work: Path, real_root: Path) -> Path:
+    """This seed's sites: drawn for the seed (synthetic) or the real sites built beforehand (the same each seed)."""
+    if not task.generated:
+        return real_sites(real_root, cfg.site_names)
+    log(f"seed {cfg.seed}: writing {cfg.sites} synthetic sites")
+    return synthetic_sites(work / "data", cfg.sites, cfg.seed, cfg.fov_mm, cfg.cases_scale, cfg.val_cases)
+
+
+def run_seed(cfg: BenchConfig, task: Task, work: Path, real_root: Path, timeout: float) -> tuple[dict, dict, Path]:
+    """Every method of ``cfg.methods`` once with ``cfg.seed``: (raw results per method, failures, the sites)."""
     from benchmarks.centralised import run_centralised
 
+    seed_work = work / f"seed-{cfg.seed}"
+    sites_root = prepare_sites(cfg, task, work, real_root)
+    walls: dict[str, float] = {}
+    methods, failed = {}, {}
+    centralised = tuple(m for m in CENTRALISED_METHODS if m in cfg.methods)
+    if centralised:
+        log(f"seed {cfg.seed}: {' and '.join(centralised)} training (package training code, no FLARE)")
+        try:
+            central = run_centralised(cfg, sites_root, seed_work / "centralised", task.overrides, log, centralised)
+        except Exception as err:  # reported like a failed federated run
+            traceback.print_exc()
+            central = {}
+            failed.update({m: f"failed: {type(err).__name__}: {err}" for m in centralised})
+        for name, result in central.items():
+            methods[name] = dataclasses.asdict(result)
+            walls[name] = result.wall_seconds
+    fed, fed_failed, fed_walls = run_federated(cfg, sites_root, seed_work, task, timeout)
+    methods.update(fed)
+    failed.update(fed_failed)
+    walls.update(fed_walls)
+    return {"methods": methods, "wall_seconds": walls}, failed, sites_root
+
+
+def val_cases_per_site(sites_root: Path, sites: list[str]) -> dict[str, int]:
+    """Validation cases each site's datalist lists (the yardstick's size)."""
+    out = {}
+    for site in sites:
+        config = json.loads((sites_root / site / "site.json").read_text())
+        datalist = json.loads((sites_root / site / config.get("datalist", "datalist.json")).read_text())
+        out[site] = len(datalist.get("validation", []))
+    return out
+
+
+def run(cfg: BenchConfig, out_dir: Path, work: Path, command: str, timeout: float, real_root: Path) -> dict:
     started, load = time.perf_counter(), LoadSampler()
     load.start()
     loadavg_start = [round(v, 2) for v in os.getloadavg()]
-    sites_root = work / "data"
-    log(f"writing {cfg.sites} synthetic sites to {sites_root}")
-    generate_sites(sites_root, n_sites=cfg.sites, seed=cfg.seed, fov_mm=cfg.fov_mm, cases_scale=cfg.cases_scale)
+    task = get_task(cfg.task)
+    per_seed, failed, phases = {}, {}, []
+    first: dict = {}
+    sites_root = None
+    for seed in cfg.seeds:
+        seed_cfg = dataclasses.replace(cfg, seed=seed)
+        began, load_now = time.perf_counter(), os.getloadavg()[0]
+        run_result, seed_failed, sites_root = run_seed(seed_cfg, task, work, real_root, timeout)
+        phases.append({"phase": f"seed {seed}", "seconds": time.perf_counter() - began, "load_1min_at_start": load_now})
+        failed.update({f"{m} (seed {seed})": why for m, why in seed_failed.items()})
+        summaries = {m: method_summary(m, raw, cfg.site_names) for m, raw in run_result["methods"].items()}
+        per_seed[str(seed)] = {
+            "summary": summaries,
+            "wall_seconds": run_result["wall_seconds"],
+            "per_round": {m: raw["per_round"] for m, raw in run_result["methods"].items()},
+        }
+        if not first:
+            first = {**run_result, "summary": summaries, "sites_root": sites_root}
+    poc = None
+    if cfg.poc:
+        began, load_now = time.perf_counter(), os.getloadavg()[0]
+        poc = run_poc(dataclasses.replace(cfg, seed=cfg.seeds[0]), first["sites_root"], work, task, timeout)
+        phases.append({"phase": "POC cost run", "seconds": time.perf_counter() - began, "load_1min_at_start": load_now})
 
-    phases = []
-
-    def phase(name: str, began: float, load_at_start: float) -> None:
-        phases.append({"phase": name, "seconds": time.perf_counter() - began, "load_1min_at_start": load_at_start})
-
-    log("local-only and pooled training (package training code, no FLARE)")
-    began, load_now = time.perf_counter(), os.getloadavg()[0]
-    central = run_centralised(cfg, sites_root, work / "centralised", log=log)
-    phase("local-only + pooled", began, load_now)
-    methods = {name: dataclasses.asdict(result) for name, result in central.items()}
-    extra = optional_jobs(quick=cfg.mode == "quick")
-    began, load_now = time.perf_counter(), os.getloadavg()[0]
-    fed, failed = run_federated(cfg, sites_root, work, {**FEDERATED_JOBS, **extra}, timeout)
-    phase("federated (simulator)", began, load_now)
-    methods.update(fed)
-    began, load_now = time.perf_counter(), os.getloadavg()[0]
-    poc = run_poc(cfg, sites_root, work, timeout) if cfg.poc else None
-    phase("POC cost run", began, load_now)
-
-    not_run = {"SCAFFOLD": SCAFFOLD_NOT_RUN, **failed}
-    if not any(is_dp_job(job) for job in extra.values()):
-        not_run["DP (Dice against epsilon)"] = "not available in this build: no DP job in jobs/."
-    if not any(is_quantised_job(job) for job in extra.values()):
-        not_run["quantised updates"] = "not available in this build: no quantisation job in jobs/."
+    modalities = site_modalities(first["sites_root"], cfg.site_names)
+    val_cases = val_cases_per_site(first["sites_root"], cfg.site_names)
+    stats = aggregate(per_seed, cfg.site_names, list(cfg.methods))
+    seconds_per_seed = nanmean(sum(run["wall_seconds"].values()) for run in per_seed.values())
+    not_run = {
+        "SCAFFOLD": SCAFFOLD_NOT_RUN,
+        "DP jobs": "not in this benchmark: `make bench-privacy` measures them (docs/privacy_benchmark.md).",
+        **failed,
+    }
     not_run["GPU"] = "not run: this machine has no GPU." if not torch.cuda.is_available() else "GPU present."
-
-    summaries = {name: method_summary(name, raw, cfg.site_names) for name, raw in methods.items()}
+    central_train = {m: first["methods"][m]["train_stats"] for m in CENTRALISED_METHODS if m in first["methods"]}
     results = {
         "meta": {
             "command": command,
@@ -183,16 +224,27 @@ def run(cfg: BenchConfig, out_dir: Path, work: Path, command: str, timeout: floa
             "wall_seconds": time.perf_counter() - started,
             "phases": phases,
         },
-        "config": {**dataclasses.asdict(cfg), "site_names": cfg.site_names, "total_epochs": cfg.total_epochs},
-        "methods": methods,
-        "summary": summaries,
+        "config": {
+            **dataclasses.asdict(cfg),
+            "site_names": cfg.site_names,
+            "total_epochs": cfg.total_epochs,
+            "task_overrides": task.overrides,
+            "modalities": modalities,
+            "val_cases_per_site": val_cases,
+        },
+        "methods": first["methods"],
+        "summary": first["summary"],
+        "per_seed": per_seed,
+        "stats": stats,
+        "goals": goal_checks(stats, cfg.site_names, odd_modality_site(modalities)),
+        "cost_goal": overhead_goal((poc or {}).get("overhead_median")),
+        "power": power_analysis(stats, min(val_cases.values()), seconds_per_seed),
         "poc": poc,
         "centralised_throughput": [
             throughput_from_totals(f"{name} (no FLARE, 1 thread)", totals, cfg.rounds)
-            for family in central.values()
-            for name, totals in family.train_stats.items()
+            for family in central_train.values()
+            for name, totals in family.items()
         ],
-        "goals": goals(summaries, (poc or {}).get("overhead_median")),
         "not_run": not_run,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -214,15 +266,43 @@ def render(out_dir: Path) -> None:
     print(summary_text(results))
 
 
+def default_out(cfg: BenchConfig) -> Path:
+    """One current report per task: ``docs/benchmark`` (synthetic) and ``docs/benchmark/real``; quick mode writes
+    under ``workspace/`` only."""
+    if cfg.mode == "quick":
+        return REPO / "workspace" / "bench" / f"quick-{cfg.task}" / "report"
+    return REPO / "docs" / "benchmark" / ("real" if cfg.task == "real" else "")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = sorted(set(names) - set(ALL_METHODS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {','.join(ALL_METHODS)}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["quick", "full"], default=os.environ.get("BENCH_MODE", "full"))
-    parser.add_argument("--out", type=Path, default=None, help="report folder (full: docs/benchmark)")
+    parser.add_argument("--data", choices=["synthetic", "real"], default="synthetic", help="the task (see tasks.py)")
+    parser.add_argument("--real-root", type=Path, default=REPO / "data" / "real", help="sites of `fedseg3d data real`")
+    parser.add_argument("--seeds", type=_int_list, help="comma-separated seeds, the same for every method")
+    parser.add_argument("--methods", type=_methods, help=f"comma-separated subset of {','.join(ALL_METHODS)}")
+    parser.add_argument("--out", type=Path, default=None, help="report folder (full: docs/benchmark[/real])")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default workspace/bench/<mode>)")
     parser.add_argument("--sites", type=int)
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--local-epochs", type=int)
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--local-steps", type=int, help="optimiser steps per round instead of epochs")
+    parser.add_argument("--val-cases", type=int, help="synthetic validation cases per site (the yardstick)")
     parser.add_argument("--no-poc", action="store_true", help="skip the POC cost run (no port needed)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per federated run")
     parser.add_argument("--render-only", type=Path, metavar="DIR", help="re-render DIR/results.json; train nothing")
@@ -230,20 +310,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.render_only:
         render(args.render_only)
         return 0
+    if args.data == "real" and args.val_cases is not None:
+        parser.error("--val-cases applies to synthetic sites only; the real sites' split is fixed by their build")
     cfg = make_config(
         args.mode,
+        task=args.data,
+        seeds=args.seeds,
+        methods=args.methods,
         sites=args.sites,
         rounds=args.rounds,
         local_epochs=args.local_epochs,
-        seed=args.seed,
+        local_steps=args.local_steps,
+        val_cases=args.val_cases,
         poc=False if args.no_poc else None,
     )
-    out = args.out or (
-        REPO / "docs" / "benchmark" if cfg.mode == "full" else REPO / "workspace" / "bench" / "quick" / "report"
-    )
-    work = (args.work or REPO / "workspace" / "bench" / cfg.mode).resolve()
+    out = args.out or default_out(cfg)
+    work = (args.work or REPO / "workspace" / "bench" / f"{cfg.mode}-{cfg.task}").resolve()
     command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
-    results = run(cfg, out, work, command.strip(), args.timeout)
+    results = run(cfg, out, work, command.strip(), args.timeout, args.real_root.resolve())
     failed = [k for k, v in results["not_run"].items() if str(v).startswith("failed")]
     poc_failed = bool((results.get("poc") or {}).get("error"))
     return 1 if failed or poc_failed else 0

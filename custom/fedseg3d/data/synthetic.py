@@ -15,7 +15,7 @@ validation cases) and ``site.json`` (labels, intensity); ``<out>/dataset.json`` 
 Example::
 
     fedseg3d data synthetic --out data/synthetic --sites 4 --seed 0 [--fov-mm 64] [--cases-scale 1.0]
-        [--dicom-sites site-2]
+        [--dicom-sites site-2] [--val-cases N]
 """
 
 from __future__ import annotations
@@ -65,10 +65,12 @@ class ScannerProfile:
     n_val: int
 
 
-def make_profile(site_index: int, seed: int, cases_scale: float = 1.0) -> ScannerProfile:
+def make_profile(site_index: int, seed: int, cases_scale: float = 1.0, val_cases: int | None = None) -> ScannerProfile:
     """Derive site ``site_index`` (0-based) from the seed: geometry from fixed tables, the rest drawn at random.
 
     Polarity alternates by index (site-1 bright, site-2 dark, ...) so that any two sites already disagree on it.
+    ``val_cases`` sets the validation cases directly (a benchmark that needs a finer yardstick), else
+    ``cases_scale`` scales them with the training cases.
     """
     rng = np.random.default_rng([seed, site_index, 0])
     return ScannerProfile(
@@ -82,7 +84,7 @@ def make_profile(site_index: int, seed: int, cases_scale: float = 1.0) -> Scanne
         bias_strength=round(float(rng.uniform(0.05, 0.25)), 3),
         lesion_polarity="bright" if site_index % 2 == 0 else "dark",
         n_train=max(2, round(int(rng.integers(8, 17)) * cases_scale)),
-        n_val=max(2, round(4 * cases_scale)),
+        n_val=val_cases if val_cases is not None else max(2, round(4 * cases_scale)),
     )
 
 
@@ -193,10 +195,17 @@ def _prepare_site_dir(site_dir: Path) -> None:
 
 
 def generate_site(
-    out_dir: Path, site_index: int, *, seed: int, fov_mm: float, cases_scale: float, dicom: bool
+    out_dir: Path,
+    site_index: int,
+    *,
+    seed: int,
+    fov_mm: float,
+    cases_scale: float,
+    dicom: bool,
+    val_cases: int | None = None,
 ) -> tuple[Path, ScannerProfile]:
     """Write one site's images, labels, ``datalist.json`` and ``site.json`` under ``out_dir/<site>``."""
-    profile = make_profile(site_index, seed, cases_scale)
+    profile = make_profile(site_index, seed, cases_scale, val_cases)
     site_dir = Path(out_dir) / profile.site_name
     _prepare_site_dir(site_dir)
     entries = []
@@ -244,6 +253,7 @@ def generate_sites(
     cases_scale: float = 1.0,
     dicom_sites: Sequence[str] = ("site-2",),
     progress: Callable[[str], None] | None = None,
+    val_cases: int | None = None,
 ) -> list[Path]:
     """Generate ``n_sites`` synthetic sites (``site-1`` ... ``site-N``) and ``out_dir/sites.json``.
 
@@ -255,6 +265,7 @@ def generate_sites(
         cases_scale: multiplies each site's case count (at least 2 training and 2 validation cases remain).
         dicom_sites: sites whose images are written as DICOM series folders instead of NIfTI.
         progress: called with one line per finished site (the CLI prints it).
+        val_cases: validation cases per site, instead of ``cases_scale``'s (training cases are unchanged).
 
     Returns:
         The site folders, in site order.
@@ -270,6 +281,8 @@ def generate_sites(
         raise ValueError(f"fov_mm must be >= {MIN_FOV_MM}, got {fov_mm}")
     if cases_scale <= 0:
         raise ValueError(f"cases_scale must be > 0, got {cases_scale}")
+    if val_cases is not None and val_cases < 1:
+        raise ValueError(f"val_cases must be >= 1, got {val_cases}")
     unknown = sorted(set(dicom_sites) - set(names))
     if unknown:
         raise ValueError(f"dicom_sites names sites that are not generated: {unknown}; sites are {names}")
@@ -279,7 +292,9 @@ def generate_sites(
     site_dirs, summary = [], []
     for index, name in enumerate(names):
         dicom = name in dicom_sites
-        site_dir, p = generate_site(out_dir, index, seed=seed, fov_mm=fov_mm, cases_scale=cases_scale, dicom=dicom)
+        site_dir, p = generate_site(
+            out_dir, index, seed=seed, fov_mm=fov_mm, cases_scale=cases_scale, dicom=dicom, val_cases=val_cases
+        )
         site_dirs.append(site_dir)
         fmt = "dicom" if dicom else "nifti"
         summary.append({"site_name": name, "site_config": f"{name}/site.json", "image_format": fmt})
@@ -288,7 +303,7 @@ def generate_sites(
                 f"{name}: {p.n_train} train + {p.n_val} val, spacing {p.spacing} mm, {p.orientation}, "
                 f"lesion {p.lesion_polarity}, {fmt} -> {site_dir}"
             )
-    params = {"n_sites": n_sites, "seed": seed, "fov_mm": fov_mm, "cases_scale": cases_scale}
+    params = {"n_sites": n_sites, "seed": seed, "fov_mm": fov_mm, "cases_scale": cases_scale, "val_cases": val_cases}
     sites_json = {
         "generator": "fedseg3d.data.synthetic",
         **params,
@@ -309,6 +324,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fov-mm", type=float, default=64.0, help="side of the imaged cube in mm")
     parser.add_argument("--cases-scale", type=float, default=1.0, help="multiplies the number of cases per site")
+    parser.add_argument("--val-cases", type=int, default=None, help="validation cases per site (default: scaled)")
     parser.add_argument(
         "--dicom-sites", nargs="*", default=["site-2"], help="sites written as DICOM series (none: pass no names)"
     )
@@ -321,6 +337,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         cases_scale=args.cases_scale,
         dicom_sites=tuple(args.dicom_sites),
         progress=print,
+        val_cases=args.val_cases,
     )
 
 

@@ -9,25 +9,34 @@ import pytest
 from benchmarks.config import centralised_settings, job_learner_args, make_config
 from benchmarks.federated import BYTES_FILES, RECORDER, add_byte_probes, build_bench_job, parse_run
 from benchmarks.poc_cost import round_overhead
-from benchmarks.summary import goals, method_summary
+from benchmarks.summary import method_summary, overhead_goal
 
 
 def test_modes_and_overrides():
     quick = make_config("quick", rounds=3, seed=None)
     assert quick.rounds == 3 and quick.seed == 0 and quick.total_epochs == 3 * quick.local_epochs
+    assert len(quick.seeds) >= 2, "quick mode exercises the interval code"
+    assert make_config("full", seeds=(4, 5)).seed == 4
+    real = make_config("full", task="real")
+    assert real.sites == 3 and real.local_steps > 0
+    with pytest.raises(ValueError, match="unknown method"):
+        make_config("quick", methods=("fedbn", "scaffold"))
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        make_config("quick", seeds=(1, 1))
     with pytest.raises(ValueError, match="unknown benchmark mode"):
         make_config("medium")
     with pytest.raises(ValueError, match="sites must be >= 2"):
         make_config("quick", sites=1)
 
 
-def test_centralised_training_uses_the_reference_jobs_knobs():
+def test_centralised_training_uses_the_reference_jobs_knobs(tmp_path):
     args = job_learner_args("unet3d_fedbn")
     assert not any(isinstance(v, str) and v.startswith("{") for v in args["training"].values()), "variables resolved"
     cfg = make_config("quick", seed=7)
-    classes, prep, training = centralised_settings(cfg)
+    classes, prep, training = centralised_settings(cfg, {"learning_rate": 0.001}, tmp_path)
     assert classes == {0: "background", 1: "organ", 2: "lesion"}
-    assert training.learning_rate == args["training"]["learning_rate"]
+    assert training.learning_rate == 0.001, "the task's knobs reach local-only and pooled too"
+    assert training.keep_batchnorm_local
     assert training.local_epochs == cfg.local_epochs and training.local_steps == 0 and training.seed == 7
     assert list(prep.roi_size) == args["preprocessing"]["roi_size"]
 
@@ -35,6 +44,9 @@ def test_centralised_training_uses_the_reference_jobs_knobs():
 def test_byte_probes_go_last_in_the_train_chains(tmp_path):
     cfg = make_config("quick")
     job_dir = build_bench_job(cfg, "unet3d_fedprox", tmp_path)
+    quantised = build_bench_job(cfg, "unet3d_fedbn_quantized", tmp_path, {"scheme": "int3"})
+    for name in ("config_fed_client.json", "config_fed_server.json"):
+        assert json.loads((quantised / "app/config" / name).read_text())["scheme"] == "int3", name
     client = json.loads((job_dir / "app/config/config_fed_client.json").read_text())
     server = json.loads((job_dir / "app/config/config_fed_server.json").read_text())
     assert client["local_epochs"] == cfg.local_epochs and client["seed"] == cfg.seed
@@ -54,7 +66,8 @@ def _write_run(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
     server = tmp_path / "server"
     (server / "cross_site_val").mkdir(parents=True)
     (server / "fedseg3d").mkdir()
-    matrix = {s: {"SRV_FL_global_model.pt": {"val_mean_dice": d}, "SRV_best_FL_global_model.pt": {"val_mean_dice": 0},
+    matrix = {s: {"SRV_FL_global_model.pt": {"val_mean_dice": d, "val_dice_organ": d + 0.1, "val_dice_lesion": d - 0.1},
+                  "SRV_best_FL_global_model.pt": {"val_mean_dice": 0},
                   "site-1": {"val_mean_dice": d - 0.1}, "site-2": {"val_mean_dice": d - 0.2}}
               for s, d in (("site-1", 0.8), ("site-2", 0.6))}  # fmt: skip
     (server / "cross_site_val" / "cross_val_results.json").write_text(json.dumps(matrix))
@@ -82,6 +95,7 @@ def test_parse_run_reads_dice_bytes_and_timings(tmp_path):
     server, sites = _write_run(tmp_path)
     result = parse_run("unet3d_fedbn", server, sites)
     assert result.matrix["site-1"] == pytest.approx({"global": 0.8, "site-1": 0.7, "site-2": 0.6})
+    assert result.class_matrix["site-2"]["global"] == pytest.approx({"organ": 0.7, "lesion": 0.5})
     assert result.per_round[0] == pytest.approx({"site-1": 0.1, "site-2": 0.1})
     assert result.per_round[2] == pytest.approx({"site-1": 0.8, "site-2": 0.6}), (
         "after the last round: the final global model"
@@ -120,18 +134,18 @@ def test_a_dp_run_with_a_contribution_lacking_its_privacy_record_is_refused(tmp_
     assert parse_run("unet3d_dpsgd", server, sites).epsilon == {"site-1": 1.5, "site-2": 1.5}
 
 
-def test_summaries_and_goals():
+def test_summaries_name_the_model_each_method_hands_a_site():
     sites = ["site-1", "site-2"]
     local = method_summary("local_only", {"matrix": {"site-1": {"site-1": 0.8, "site-2": 0.2},
                                                      "site-2": {"site-1": 0.4, "site-2": 0.6}}}, sites)  # fmt: skip
     assert local["own"] == {"site-1": 0.8, "site-2": 0.6} and local["all_sites_mean"] == pytest.approx(0.5)
-    pooled = method_summary("pooled", {"matrix": {"site-1": {"pooled": 0.7}, "site-2": {"pooled": 0.7}}}, sites)
+    assert local["score"] == local["own"]
+    classes = {s: {"pooled": {"organ": 0.9, "lesion": 0.5}} for s in sites}
+    pooled = method_summary("pooled", {"matrix": {s: {"pooled": 0.7} for s in sites}, "class_matrix": classes}, sites)
+    assert pooled["score"] == {"site-1": 0.7, "site-2": 0.7} and pooled["class_score"]["site-1"]["lesion"] == 0.5
     fedbn = method_summary("fedbn", {"matrix": {s: {"global": 0.695, s: 0.7} for s in sites}}, sites)
-    rows = goals({"local_only": local, "pooled": pooled, "fedbn": fedbn}, overhead_median=1.3)
-    assert [r["met"] for r in rows] == [True, True, False]
-    fedbn_low = method_summary("fedbn", {"matrix": {s: {"global": 0.52, s: 0.7} for s in sites}}, sites)
-    rows = goals({"local_only": local, "pooled": pooled, "fedbn": fedbn_low}, overhead_median=math.nan)
-    assert [r["met"] for r in rows] == [False, False, None]
+    assert fedbn["score"] == {"site-1": 0.695, "site-2": 0.695} and fedbn["class_score"] == {s: {} for s in sites}
+    assert overhead_goal(1.3)["met"] is False and overhead_goal(math.nan)["met"] is None
 
 
 def test_every_method_starts_from_the_same_weights(tmp_path):

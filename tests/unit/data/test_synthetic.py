@@ -121,6 +121,13 @@ def test_case_counts_scale_but_never_below_two() -> None:
     assert tiny.n_train == 2 and tiny.n_val == 2
 
 
+def test_validation_cases_can_be_set_without_changing_the_training_cases() -> None:
+    base, more = make_profile(1, seed=3), make_profile(1, seed=3, val_cases=12)
+    assert more.n_val == 12 and more.n_train == base.n_train
+    # Training cases come first, so their indices (and so their images) are the same with more validation cases.
+    assert base.n_val == 4
+
+
 def test_grid_affine_is_centred_with_requested_axes() -> None:
     affine = grid_affine("PIR", (1.25, 1.25, 2.5), (5, 5, 3))
     np.testing.assert_allclose(affine[:3, :3], [[0, 0, 2.5], [-1.25, 0, 0], [0, -1.25, 0]])
