@@ -184,7 +184,8 @@ class SegmentationLearner(Learner):
     def validate(self, data: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         """Dice of a received model on this site's validation cases (with this site's own batch norm in FedBN).
 
-        Before training this scores the incoming global model, which the server uses to keep the best one;
+        Before training this scores the incoming global model, which the server uses to keep the best one over all
+        sites and the site to keep the best one for itself (``site_models/best_global_model.pt``);
         in cross-site evaluation it scores the server's and other sites' models.
         """
         if (reply := self._not_ready(fl_ctx)) is not None:
@@ -192,13 +193,21 @@ class SegmentationLearner(Learner):
         weights = self._received_weights(data, fl_ctx)
         if weights is None:
             return make_reply(ReturnCode.BAD_TASK_DATA)
-        result = self.trainer.evaluate_weights(weights, lambda: abort_signal.triggered)
+
+        def stop() -> bool:
+            return abort_signal.triggered
+
+        validate_type = data.get_header(AppConstants.VALIDATE_TYPE)
+        current_round = int(data.get_header(AppConstants.CURRENT_ROUND, 0))
+        if validate_type == ValidateType.BEFORE_TRAIN_VALIDATE:
+            # The round's global model: the site keeps it (with its own batch norm) when it is the best one here.
+            result = self.trainer.evaluate_global(weights, current_round, stop)
+        else:
+            result = self.trainer.evaluate_weights(weights, stop)
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
         metrics = result.as_metrics("val_")
-        validate_type = data.get_header(AppConstants.VALIDATE_TYPE)
         if validate_type == ValidateType.BEFORE_TRAIN_VALIDATE:
-            current_round = int(data.get_header(AppConstants.CURRENT_ROUND, 0))
             self.log_info(fl_ctx, f"global model at round {current_round + 1}: val Dice {result.mean_dice:.4f}")
             self._stream({f"global_{k}": v for k, v in metrics.items()}, current_round)
             return DXO(data_kind=DataKind.METRICS, data={MetaKey.INITIAL_METRICS: metrics}).to_shareable()
@@ -209,8 +218,8 @@ class SegmentationLearner(Learner):
     def get_model_for_validation(self, model_name: str, fl_ctx: FLContext) -> Shareable:
         """This site's final local model for cross-site evaluation: only the shared part ever leaves the site.
 
-        The final model, not the best checkpoint: in FedBN each evaluating site pairs the received weights with its
-        current batch norm, which matches the final weights and not an earlier checkpoint's.
+        The final model: each evaluating site pairs the received weights with its own batch norm, recalibrated for
+        those weights (FedBN), so the matrix compares the models the jobs ended with.
         """
         if (reply := self._not_ready(fl_ctx)) is not None:
             return reply
