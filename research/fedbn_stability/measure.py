@@ -63,22 +63,20 @@ def recalibrated_on_training_loader(trainer: SiteTrainer, model: torch.nn.Module
 
 
 def val_window_stats(trainer: SiteTrainer, model: torch.nn.Module) -> torch.nn.Module:
-    """A copy whose running statistics are those of the site's validation volumes (sliding-window tiles)."""
+    """A copy whose running statistics are those of the site's validation volumes (the sliding-window tiles)."""
     from monai.inferers import SlidingWindowInferer
 
-    model = copy.deepcopy(model)
-    layers = batchnorm_layers(model)
-    for layer in layers:
-        layer.reset_running_stats()
-        layer.momentum = None
-    model.eval()
-    for layer in layers:
-        layer.train()
+    windows: list[torch.Tensor] = []
+
+    def record(x: torch.Tensor) -> torch.Tensor:
+        windows.append(x.clone())
+        return x
+
     inferer = SlidingWindowInferer(trainer.preprocessing.roi_size, sw_batch_size=4, overlap=0.25)
-    with torch.no_grad():
-        for item in trainer.val_cases.items:
-            inferer(item["image"].unsqueeze(0), model)
-    model.eval()
+    for item in trainer.val_cases.items:
+        inferer(item["image"].unsqueeze(0), record)
+    model = copy.deepcopy(model)
+    recalibrate_batchnorm(model, windows, trainer.device)
     return model
 
 
@@ -113,7 +111,9 @@ def run(args, seed: int) -> dict:
         global_scores, updates = [], []
         for t in trainers:
             rec = {"round": rnd, "site": t.site_name}
-            rec["global_site"] = t.evaluate_weights(global_w).mean_dice  # what the server's selector sees
+            # what the server's selector sees; the site keeps it as its best global model when it is (the learner's
+            # before-training validation)
+            rec["global_site"] = t.evaluate_global(global_w, rnd).mean_dice
             if args.diagnose:
                 cand = copy.deepcopy(t.model)
                 load_shared_state(cand, t.split, global_w)
@@ -145,9 +145,9 @@ def run(args, seed: int) -> dict:
     final = {}
     for t in trainers:
         row = {"own_final": records[-len(trainers) + trainers.index(t)]["own"],
-               "global_final": t.evaluate_weights(global_w).mean_dice,
+               "global_final": t.evaluate_global(global_w, args.rounds).mean_dice,  # cross-site eval of the final
                "server_best_global": t.evaluate_weights(best_global).mean_dice}  # fmt: skip
-        for name in ("best_local_model.pt", "best_global_model.pt"):
+        for name in ("best_local_model.pt", "best_global_model.pt", "best_model.pt"):
             path = t.output_dir / name
             if path.is_file():
                 model = copy.deepcopy(t.model)

@@ -17,7 +17,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.abstract.learner_spec import Learner
-from nvflare.app_common.app_constant import AppConstants, ValidateType
+from nvflare.app_common.app_constant import AppConstants, DefaultCheckpointFileName, ValidateType
 from nvflare.app_common.tracking.log_writer import LogWriter
 from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
 
@@ -30,6 +30,8 @@ from fedseg3d.privacy.spend import PrivacySpend
 from fedseg3d.training.dpsgd import DPSGDConfig
 from fedseg3d.training.site_trainer import SiteTrainer, TrainingConfig
 
+# FLARE's cross-site evaluation names the server's models "SRV_" + file name; this one is the job's final global model.
+FINAL_GLOBAL_MODEL = f"SRV_{DefaultCheckpointFileName.GLOBAL_MODEL}"
 # Why a site refuses a round: no budget, or one it cannot afford; an unreadable ledger; settings that do not fit it.
 REFUSALS = (PrivacyBudgetExceeded, PrivacyLedgerError, RuntimeError, FileNotFoundError, ValueError)
 
@@ -199,9 +201,13 @@ class SegmentationLearner(Learner):
 
         validate_type = data.get_header(AppConstants.VALIDATE_TYPE)
         current_round = int(data.get_header(AppConstants.CURRENT_ROUND, 0))
+        model_owner = data.get_header(AppConstants.MODEL_OWNER, "?")
         if validate_type == ValidateType.BEFORE_TRAIN_VALIDATE:
             # The round's global model: the site keeps it (with its own batch norm) when it is the best one here.
             result = self.trainer.evaluate_global(weights, current_round, stop)
+        elif model_owner == FINAL_GLOBAL_MODEL:
+            # Cross-site evaluation of the job's last global model, which no round validated: a candidate too.
+            result = self.trainer.evaluate_global(weights, self.trainer.rounds_done, stop)
         else:
             result = self.trainer.evaluate_weights(weights, stop)
         if abort_signal.triggered:
@@ -211,7 +217,6 @@ class SegmentationLearner(Learner):
             self.log_info(fl_ctx, f"global model at round {current_round + 1}: val Dice {result.mean_dice:.4f}")
             self._stream({f"global_{k}": v for k, v in metrics.items()}, current_round)
             return DXO(data_kind=DataKind.METRICS, data={MetaKey.INITIAL_METRICS: metrics}).to_shareable()
-        model_owner = data.get_header(AppConstants.MODEL_OWNER, "?")
         self.log_info(fl_ctx, f"cross-site evaluation of {model_owner}'s model: val Dice {result.mean_dice:.4f}")
         return DXO(data_kind=DataKind.METRICS, data=metrics).to_shareable()
 
