@@ -61,6 +61,11 @@ def test_job_completes_and_keeps_batchnorm_where_it_belongs(job, tiny_sites, tmp
     if job == "unet3d_fedbn":
         assert not received_keys & bn_keys, "FedBN: batch-norm state must never reach the server"
         assert sites_differ, "FedBN: each site keeps its own batch-norm statistics"
+        for site in SITES:  # each site says which of its own models to deploy: the best for that site
+            folder = workspace / site / "simulate_job" / f"app_{site}" / "site_models"
+            index = json.loads((folder / "models.json").read_text())["models"]
+            best = max(index[name]["val_mean_dice"] for name in ("best_local_model.pt", "best_global_model.pt"))
+            assert (folder / "best_model.pt").is_file() and index["best_model.pt"]["val_mean_dice"] == best
     else:
         assert {k for k in bn_keys if "num_batches" not in k} <= received_keys, "FedAvg shares batch norm"
 

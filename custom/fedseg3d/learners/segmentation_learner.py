@@ -17,7 +17,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.abstract.learner_spec import Learner
-from nvflare.app_common.app_constant import AppConstants, ValidateType
+from nvflare.app_common.app_constant import AppConstants, DefaultCheckpointFileName, ValidateType
 from nvflare.app_common.tracking.log_writer import LogWriter
 from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
 
@@ -31,6 +31,8 @@ from fedseg3d.privacy.spend import PrivacySpend
 from fedseg3d.training.dpsgd import DPSGDConfig
 from fedseg3d.training.site_trainer import SiteTrainer, TrainingConfig
 
+# FLARE's cross-site evaluation names the server's models "SRV_" + file name; this one is the job's final global model.
+FINAL_GLOBAL_MODEL = f"SRV_{DefaultCheckpointFileName.GLOBAL_MODEL}"
 # Why a site refuses a round: no budget, or one it cannot afford; an unreadable ledger; settings that do not fit it.
 REFUSALS = (PrivacyBudgetExceeded, PrivacyLedgerError, RuntimeError, FileNotFoundError, ValueError)
 
@@ -192,7 +194,8 @@ class SegmentationLearner(Learner):
     def validate(self, data: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         """Dice of a received model on this site's validation cases (with this site's own batch norm in FedBN).
 
-        Before training this scores the incoming global model, which the server uses to keep the best one;
+        Before training this scores the incoming global model, which the server uses to keep the best one over all
+        sites and the site to keep the best one for itself (``site_models/best_global_model.pt``);
         in cross-site evaluation it scores the server's and other sites' models.
         """
         if (reply := self._not_ready(fl_ctx)) is not None:
@@ -200,25 +203,36 @@ class SegmentationLearner(Learner):
         weights = self._received_weights(data, fl_ctx)
         if weights is None:
             return make_reply(ReturnCode.BAD_TASK_DATA)
-        result = self.trainer.evaluate_weights(weights, lambda: abort_signal.triggered)
+
+        def stop() -> bool:
+            return abort_signal.triggered
+
+        validate_type = data.get_header(AppConstants.VALIDATE_TYPE)
+        current_round = int(data.get_header(AppConstants.CURRENT_ROUND, 0))
+        model_owner = data.get_header(AppConstants.MODEL_OWNER, "?")
+        if validate_type == ValidateType.BEFORE_TRAIN_VALIDATE:
+            # The round's global model: the site keeps it (with its own batch norm) when it is the best one here.
+            result = self.trainer.evaluate_global(weights, current_round, stop)
+        elif model_owner == FINAL_GLOBAL_MODEL:
+            # Cross-site evaluation of the job's last global model, which no round validated: a candidate too.
+            result = self.trainer.evaluate_global(weights, self.trainer.rounds_done, stop)
+        else:
+            result = self.trainer.evaluate_weights(weights, stop)
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
         metrics = result.as_metrics("val_")
-        validate_type = data.get_header(AppConstants.VALIDATE_TYPE)
         if validate_type == ValidateType.BEFORE_TRAIN_VALIDATE:
-            current_round = int(data.get_header(AppConstants.CURRENT_ROUND, 0))
             self.log_info(fl_ctx, f"global model at round {current_round + 1}: val Dice {result.mean_dice:.4f}")
             self._stream({f"global_{k}": v for k, v in metrics.items()}, current_round)
             return DXO(data_kind=DataKind.METRICS, data={MetaKey.INITIAL_METRICS: metrics}).to_shareable()
-        model_owner = data.get_header(AppConstants.MODEL_OWNER, "?")
         self.log_info(fl_ctx, f"cross-site evaluation of {model_owner}'s model: val Dice {result.mean_dice:.4f}")
         return DXO(data_kind=DataKind.METRICS, data=metrics).to_shareable()
 
     def get_model_for_validation(self, model_name: str, fl_ctx: FLContext) -> Shareable:
         """This site's final local model for cross-site evaluation: only the shared part ever leaves the site.
 
-        The final model, not the best checkpoint: in FedBN each evaluating site pairs the received weights with its
-        current batch norm, which matches the final weights and not an earlier checkpoint's.
+        The final model: each evaluating site pairs the received weights with its own batch norm, recalibrated for
+        those weights (FedBN), so the matrix compares the models the jobs ended with.
         """
         if (reply := self._not_ready(fl_ctx)) is not None:
             return reply

@@ -5,6 +5,9 @@ every batch-norm layer local: its affine weight and bias and its running statist
 type (any ``torch.nn.modules.batchnorm._BatchNorm``), never by substring: MONAI names its norm layers ``adn.N``,
 so a filter looking for ``bn`` in key names silently matches nothing.
 
+Group and instance norm are not batch norm: they normalise each sample by its own statistics and keep no running
+averages, so their affine weight and bias are shared like any other parameter, and FedBN on such a network is FedAvg.
+
 Integer buffers (``num_batches_tracked``) are never shared either: they count local steps and averaging them
 means nothing; keeping them out also keeps every shared tensor floating point, which the compression filters need.
 """

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from monai.networks.nets import UNet
 
+from fedseg3d.models.norms import NAME as GROUP_NORM
+
 # Each preset is a complete set of MONAI UNet constructor arguments. Batch norm is set explicitly because MONAI's
 # default is instance norm, which has no running statistics and so nothing for FedBN to keep at home.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -47,6 +49,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "norm": ("instance", {"affine": True}),
     },
 }
+# The base network with each normalisation a user may choose (MONAI's own default is instance norm). Batch norm
+# (``unet3d_base``) has running statistics: FedBN keeps them and its affine parameters at each site. Instance and
+# group norm normalise each patch by its own statistics, so there is nothing to keep per site and nothing to go stale
+# between training and evaluation; their affine weight and bias are ordinary shared parameters (FedBN then equals
+# FedAvg). Group norm uses 8 groups (fewer where 8 does not divide a layer's channels, ``fedseg3d.models.norms``).
+PRESETS["unet3d_base_instancenorm"] = {**PRESETS["unet3d_base"], "norm": ("instance", {"affine": True})}
+PRESETS["unet3d_base_groupnorm"] = {**PRESETS["unet3d_base"], "norm": (GROUP_NORM, {"max_groups": 8})}
 # The tiny instance-norm network one level shallower: about a quarter of its parameters. For DP-SGD: the noise added
 # to each step's averaged gradient grows with the square root of the parameter count while the clipped signal does
 # not, so fewer parameters mean less noise for the same epsilon, at the cost of receptive field.

@@ -20,7 +20,7 @@ import torch
 from monai.utils import set_determinism
 
 from fedseg3d.data.datalist import Datalist, load_datalist
-from fedseg3d.data.dataset import CasePreparer, PreparedCases, make_train_loader, prepare_cases
+from fedseg3d.data.dataset import CasePreparer, PreparedCases, calibration_batches, make_train_loader, prepare_cases
 from fedseg3d.data.site_config import SiteConfig
 from fedseg3d.data.task import json_list, per_class_values
 from fedseg3d.data.transforms import PreprocessConfig
@@ -32,6 +32,8 @@ from fedseg3d.training.device import resolve_device, use_mixed_precision
 from fedseg3d.training.dpsgd import DPSGDConfig, check_model_supports_dpsgd, train_dpsgd
 from fedseg3d.training.dpsgd_plan import DPSGDPlan
 from fedseg3d.training.loops import EvalResult, TrainStats, evaluate, make_loss, train_local
+from fedseg3d.training.norm_calibration import batchnorm_layers, recalibrate_batchnorm
+from fedseg3d.training.site_models import BEST_GLOBAL, BEST_LOCAL, SiteModelStore
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,11 @@ class TrainingConfig:
         class_loss_weights: one weight per class (background first) for the Dice and cross-entropy terms of the
             loss (``fedseg3d.training.loss``), a list or its JSON text; empty or all 1 is the unweighted loss. A
             class the network learns late (a lesion) can be weighted up. Same for DP-SGD, whose loss stays per patch.
+        recalibrate_norm: FedBN: before a model is validated or saved, recompute its batch-norm running statistics
+            on the site's own training patches with the weights being evaluated
+            (``fedseg3d.training.norm_calibration``). Off, the running averages of earlier weights (or, for a
+            global model, of the site's local weights) are used and evaluation can collapse to Dice near 0.
+            Ignored without batch norm or without ``keep_batchnorm_local`` (FedAvg's statistics are averaged).
     """
 
     model_preset: str = "unet3d_tiny"
@@ -78,6 +85,7 @@ class TrainingConfig:
     fedprox_mu: float = 0.0
     lr_schedule: str = "constant"
     class_loss_weights: tuple[float, ...] = ()
+    recalibrate_norm: bool = True
 
     def __post_init__(self) -> None:
         weights = tuple(json_list(self.class_loss_weights or [], "training.class_loss_weights"))
@@ -86,8 +94,9 @@ class TrainingConfig:
         ):
             raise ValueError(f"class_loss_weights must be numbers >= 0, not all 0, got {list(weights)}")
         object.__setattr__(self, "class_loss_weights", tuple(float(w) for w in weights))
-        if not isinstance(self.keep_batchnorm_local, bool):
-            raise ValueError(f"keep_batchnorm_local must be true or false, got {self.keep_batchnorm_local!r}")
+        for name in ("keep_batchnorm_local", "recalibrate_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.local_epochs < 1 and self.local_steps < 1:
             raise ValueError("local_epochs or local_steps must be at least 1")
         if self.batch_size < 1:
@@ -142,7 +151,7 @@ class SiteTrainer:
         class_names: class index -> name, background at 0; its length is the number of output channels.
         preprocessing: the job's preprocessing block.
         training: the job's training knobs.
-        output_dir: where this site writes its own checkpoints (``local_model.pt``, ``best_local_model.pt``).
+        output_dir: where this site keeps its own models (``fedseg3d.training.site_models``).
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         skip_bad_cases: skip cases that fail the data checks (with a warning) instead of failing.
         dp_sgd: train with patient-level DP-SGD (``fedseg3d.training.dpsgd``) instead of the plain loop.
@@ -196,9 +205,20 @@ class SiteTrainer:
         self.train_cases: PreparedCases = prepare_cases(datalist.training, preparer, skip_bad_cases, "training")
         self.val_cases: PreparedCases = prepare_cases(datalist.validation, preparer, skip_bad_cases, "validation")
         self.dp_plan = DPSGDPlan(dp_sgd, self.num_train_cases, site_name) if dp_sgd is not None else None
-        self.best_local_dice = -math.inf
+        if training.keep_batchnorm_local and not batchnorm_layers(self.model):
+            logger.warning(
+                "%s: keep_batchnorm_local is set but %s has no batch norm: nothing stays local (FedBN acts as FedAvg)",
+                site_name,
+                training.model_preset,
+            )
+        self.models = SiteModelStore(site_name, self.output_dir)
         self.rounds_done = 0
         self.local_state_adopted = not self.split.local
+        # FedBN's statistics are the site's own: recompute them for whatever weights are evaluated (see the module).
+        self.recalibrate = bool(
+            training.recalibrate_norm and training.keep_batchnorm_local and batchnorm_layers(self.model)
+        )
+        self._calibration: list[torch.Tensor] | None = None
         logger.info(
             "%s: %s (%d parameters) on %s, %d training / %d validation cases (%d skipped), %d shared and %d local keys",
             site_name,
@@ -254,11 +274,37 @@ class SiteTrainer:
 
     def evaluate_weights(self, weights: dict[str, np.ndarray], should_stop=lambda: False) -> EvalResult:
         """Dice of a received model on this site's validation cases, with this site's local state (FedBN: its own
-        batch norm). The site's training model is left untouched."""
+        batch norm, its statistics recalibrated for the received weights). The site's training model is left
+        untouched."""
+        return self._evaluate(self._paired(weights), should_stop)
+
+    def evaluate_global(self, weights: dict[str, np.ndarray], current_round: int, should_stop=lambda: False):
+        """Like ``evaluate_weights`` for the global model of round ``current_round``, which the site also keeps
+        (with its batch norm) as ``best_global_model.pt`` when it is the best global model for this site so far."""
+        candidate = self._paired(weights)
+        result = self._evaluate(candidate, should_stop)
+        if not should_stop():
+            self.models.offer_global(candidate, result.mean_dice, current_round)
+        return result
+
+    def _paired(self, weights: dict[str, np.ndarray]) -> torch.nn.Module:
+        """A copy of the site's model with the received shared weights, ready to evaluate."""
         self._adopt_first_local_state(weights)
         candidate = copy.deepcopy(self.model)
         load_shared_state(candidate, self.split, weights)
-        return self._evaluate(candidate, should_stop)
+        self._calibrate(candidate)
+        return candidate
+
+    def _calibrate(self, model: torch.nn.Module) -> None:
+        """Recompute ``model``'s batch-norm statistics on this site's training patches (FedBN with
+        ``recalibrate_norm``); the same patches every time, so a model scores the same whenever it is evaluated."""
+        if not self.recalibrate:
+            return
+        if self._calibration is None:
+            self._calibration = calibration_batches(
+                self.train_cases.items, self.preprocessing, self.training.batch_size, seed=self.training.seed
+            )
+        recalibrate_batchnorm(model, self._calibration, self.device)
 
     def _adopt_first_local_state(self, weights: dict[str, np.ndarray]) -> None:
         """Start the site's local state (FedBN's batch norm) from the first server model that carries it, once.
@@ -319,9 +365,10 @@ class SiteTrainer:
         else:
             stats = self._train_plain(optimizer, current_round, should_stop, progress)
         eval_started = time.perf_counter()
+        self._calibrate(self.model)
         local_eval = self._evaluate(self.model, should_stop)
         eval_seconds = time.perf_counter() - eval_started
-        self._save_checkpoints(local_eval, current_round)
+        self.models.offer_local(self.model, local_eval.mean_dice, current_round)
         end = shared_state_numpy(self.model, self.split)
         update = {key: end[key] - start[key] for key in self.split.shared}
         bad = [key for key, value in update.items() if not np.isfinite(value).all()]
@@ -354,9 +401,10 @@ class SiteTrainer:
 
     def summary(self) -> str:
         """Where the site stands, for the end of a job."""
+        best_local, best_global = (self.models.best_dice(name) for name in (BEST_LOCAL, BEST_GLOBAL))
         return (
-            f"{self.rounds_done} round(s) done; best local val Dice {self.best_local_dice:.4f}, "
-            f"models in {self.output_dir}"
+            f"{self.rounds_done} round(s) done; best val Dice here: own model {best_local:.4f}, global model "
+            f"{best_global:.4f}; models in {self.output_dir} (best_model.pt to deploy, models.json says which)"
         )
 
     def plan_round(
@@ -438,15 +486,3 @@ class SiteTrainer:
             amp=self.amp,
             should_stop=should_stop,
         )
-
-    def _save_checkpoints(self, local_eval: EvalResult, current_round: int) -> None:
-        """Keep the site's own model (with its batch norm) at the site: the last one and the best one."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        state = self.model.state_dict()
-        torch.save(state, self.output_dir / "local_model.pt")
-        if math.isfinite(local_eval.mean_dice) and local_eval.mean_dice > self.best_local_dice:
-            self.best_local_dice = local_eval.mean_dice
-            torch.save(state, self.output_dir / "best_local_model.pt")
-            logger.info(
-                "%s: new best local model (Dice %.4f) at round %d", self.site_name, local_eval.mean_dice, current_round
-            )

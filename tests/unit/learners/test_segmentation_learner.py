@@ -88,6 +88,19 @@ def test_validate_before_train_reports_initial_metrics(learner):
     metrics = from_shareable(reply).data[MetaKey.INITIAL_METRICS]
     assert set(metrics) == {"val_mean_dice", "val_dice_organ", "val_dice_lesion"}
     assert 0.0 <= metrics["val_mean_dice"] <= 1.0
+    # the round's global model is kept at the site, with its batch norm, as the best global model for this site
+    assert (learner.trainer.output_dir / "best_global_model.pt").is_file()
+
+
+def test_cross_site_validation_keeps_the_final_global_model_and_no_other(learner):
+    other_site = task(validate_type=ValidateType.MODEL_VALIDATE)
+    other_site.set_header(AppConstants.MODEL_OWNER, "site-2")
+    learner.validate(other_site, FLContext(), Signal())
+    assert not (learner.trainer.output_dir / "best_global_model.pt").exists()
+    final_global = task(validate_type=ValidateType.MODEL_VALIDATE)
+    final_global.set_header(AppConstants.MODEL_OWNER, "SRV_FL_global_model.pt")  # the name cross-site evaluation uses
+    learner.validate(final_global, FLContext(), Signal())
+    assert (learner.trainer.output_dir / "best_global_model.pt").is_file()
 
 
 def test_submitted_model_is_the_shared_part_only(learner):

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -14,10 +16,12 @@ from fedseg3d.models.presets import PRESETS, PresetUNet, build_model, preset_arg
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_builds_and_runs(name):
+    # Instance norm needs more than one voxel at the deepest level: 2^3 there for the base network's 4 strides.
+    size = 2 * math.prod(PRESETS[name]["strides"])
     model = build_model(name).eval()
     with torch.no_grad():
-        out = model(torch.zeros(1, 1, 16, 16, 16))
-    assert out.shape == (1, PRESETS[name]["out_channels"], 16, 16, 16)
+        out = model(torch.randn(1, 1, size, size, size))
+    assert out.shape == (1, PRESETS[name]["out_channels"], size, size, size)
 
 
 def test_preset_unet_matches_build_model():
@@ -79,3 +83,16 @@ def test_load_shared_state_rejects_missing_or_misshapen_keys():
     weights[split.shared[0]] = np.zeros((1, 2, 3), np.float32)
     with pytest.raises(ValueError, match=f"'{split.shared[0]}' has shape"):
         load_shared_state(model, split, weights)
+
+
+@pytest.mark.parametrize("name", ["unet3d_base_instancenorm", "unet3d_base_groupnorm"])
+def test_norms_without_running_statistics_share_their_affine_parameters(name):
+    """Instance and group norm keep nothing per site: their weight and bias are shared, even under FedBN."""
+    model = build_model(name, out_channels=5)  # 5 classes: group norm must fit the output layer too
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm | torch.nn.InstanceNorm3d)]
+    assert norms and not any(isinstance(m, _BatchNorm) for m in model.modules())
+    affine = {k for k in model.state_dict() if k.rsplit(".", 2)[-2] == "N"}  # MONAI's norm layers: adn.N
+    assert affine and affine <= set(split_local_state(model, keep_batchnorm_local=True).shared)
+    assert split_local_state(model, keep_batchnorm_local=True).local == ()
+    base = build_model("unet3d_base", out_channels=5)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in base.parameters())

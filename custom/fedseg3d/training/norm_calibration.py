@@ -1,0 +1,67 @@
+"""Recompute batch-norm running statistics for the weights actually being evaluated or saved.
+
+Why: in evaluation mode a batch-norm layer normalises with its running mean and variance, an exponential average
+(momentum 0.1) of the batch statistics seen while training. Those belong to the weights they were collected with.
+In FedBN they go wrong in two ways. A round of a few optimizer steps moves the running averages only a little
+(after ``n`` steps the previous round's values still weigh ``0.9 ** n``), while Adam moves the weights a lot: the
+site's own model is then normalised with statistics of older weights. And a global model is paired with the site's
+statistics of its *local* weights, which the averaged convolutions do not produce. Training looks fine throughout
+(training mode uses batch statistics), but the evaluated model can score near 0 Dice. Re-estimating the statistics
+with the evaluated weights on the site's own training patches (a forward pass, no gradient) removes both mismatches
+(``research/fedbn_stability``); it uses only the site's data and never leaves the site.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def batchnorm_layers(model: torch.nn.Module) -> list[_BatchNorm]:
+    """The model's batch-norm layers that keep running statistics (the ones evaluation mode depends on)."""
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, batches: Iterable[torch.Tensor], device: torch.device) -> int:
+    """Replace every batch-norm layer's running mean and variance by the statistics of ``batches`` under the
+    model's current weights; learned parameters (including the affine weight and bias) are left untouched.
+
+    Every batch counts equally (cumulative average, ``momentum=None``), so the result does not depend on the order
+    of the batches or on how the layer was trained. The model is left in evaluation mode.
+
+    Args:
+        model: the network, changed in place.
+        batches: image tensors shaped ``(N, C, *spatial)``.
+        device: where to run the forward passes.
+
+    Returns:
+        The number of batches used; 0 when the model has no batch norm with running statistics (nothing done).
+
+    Raises:
+        ValueError: the model has batch norm but ``batches`` is empty (the old statistics would silently stay).
+    """
+    layers = batchnorm_layers(model)
+    if not layers:
+        return 0
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None
+    model.eval()
+    for layer in layers:
+        layer.train()
+    used = 0
+    try:
+        for images in batches:
+            model(images.to(device))
+            used += 1
+    finally:
+        for layer, momentum in zip(layers, momenta, strict=True):
+            layer.momentum = momentum
+        model.eval()
+    if used == 0:
+        raise ValueError("batch-norm recalibration got no batches: the site has no training patches to use")
+    return used
