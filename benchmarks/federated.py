@@ -171,9 +171,41 @@ def run_simulated(
     return result
 
 
+def run_simulated_checked(*args: Any, attempts: int = 2, **kwargs: Any) -> FederatedResult:
+    """``run_simulated``, run again (at most ``attempts`` times in all) when a site never took part.
+
+    Why: under load the FLARE 2.9 simulator has once started two of its worker processes as the same site (a
+    3-site real-data run whose site-2 worker registered as site-1), so the run went on without that site. A result
+    that misses a site would compare methods on different federations; it is refused, never reported.
+
+    Raises:
+        SiteMissing: a site took no part in the last attempt either.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return run_simulated(*args, **kwargs)
+        except SiteMissing as err:
+            if attempt == attempts:
+                raise
+            print(f"[bench] {err}; running it again ({attempt + 1}/{attempts})", flush=True)
+    raise AssertionError("unreachable")
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a JSON-lines file (none when it does not exist yet)."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+class SiteMissing(RuntimeError):
+    """A site of the federation took no part in a run: no accepted update, or no cross-site evaluation."""
+
+
+def check_every_site_took_part(job: str, sites: list[str], matrix: dict, contributions: list[dict]) -> None:
+    """Raises: SiteMissing: names each site with no accepted update or no row in the cross-site matrix."""
+    contributed = {entry["site"] for entry in contributions if entry.get("return_code") == "OK"}
+    missing = [site for site in sites if site not in contributed or site not in matrix]
+    if missing:
+        raise SiteMissing(f"{job}: site(s) {missing} sent no accepted update or did no cross-site evaluation")
 
 
 def parse_run(job: str, server_run: Path, site_runs: dict[str, Path]) -> FederatedResult:
@@ -181,6 +213,7 @@ def parse_run(job: str, server_run: Path, site_runs: dict[str, Path]) -> Federat
 
     Raises:
         FileNotFoundError: the cross-site matrix or the contribution log is missing (the job did not finish).
+        SiteMissing: a site of ``site_runs`` took no part (see ``check_every_site_took_part``).
     """
     result = FederatedResult(job=job)
     matrix_path = server_run / "cross_site_val" / "cross_val_results.json"
@@ -200,6 +233,7 @@ def parse_run(job: str, server_run: Path, site_runs: dict[str, Path]) -> Federat
             for owner, metrics in owners.items()
         }
     contributions = read_jsonl(contributions_path)
+    check_every_site_took_part(job, list(site_runs), result.matrix, contributions)
     last_round = -1
     for entry in contributions:
         if entry.get("return_code") != "OK":

@@ -80,7 +80,7 @@ class LoadSampler(threading.Thread):
 def run_federated(
     cfg: BenchConfig, sites_root: Path, work: Path, task: Task, timeout: float
 ) -> tuple[dict, dict, dict[str, float]]:
-    from benchmarks.federated import run_simulated
+    from benchmarks.federated import run_simulated_checked
 
     results, failed, walls = {}, {}, {}
     for method, (job, knobs) in FEDERATED_METHODS.items():
@@ -89,7 +89,9 @@ def run_federated(
         log(f"seed {cfg.seed} {method}: simulator run of {job} ({cfg.rounds} rounds, {cfg.sites} sites)")
         began = time.perf_counter()
         try:
-            result = run_simulated(cfg, job, sites_root, work, timeout, {**task.overrides, **knobs}, name=method)
+            result = run_simulated_checked(
+                cfg, job, sites_root, work, timeout, {**task.overrides, **knobs}, name=method
+            )
         except Exception as err:  # one failed method must not lose the others' results; it is reported
             failed[method] = f"failed: {type(err).__name__}: {err}"
             log(f"{method} failed: {err}")

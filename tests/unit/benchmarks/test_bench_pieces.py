@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.config import centralised_settings, job_learner_args, make_config
-from benchmarks.federated import BYTES_FILES, RECORDER, add_byte_probes, build_bench_job, parse_run
+from benchmarks.federated import BYTES_FILES, RECORDER, SiteMissing, add_byte_probes, build_bench_job, parse_run
 from benchmarks.poc_cost import round_overhead
 from benchmarks.summary import method_summary, overhead_goal
 
@@ -166,3 +166,10 @@ def test_every_method_starts_from_the_same_weights(tmp_path):
     set_determinism(seed=None)
     assert all(torch.equal(served[k], local[k]) for k in local)
     assert not torch.equal(PresetUNet(num_classes=3, seed=4).state_dict()[next(iter(local))], served[next(iter(local))])
+
+
+def test_parse_run_refuses_a_run_that_a_site_never_joined(tmp_path):
+    server, sites = _write_run(tmp_path)
+    sites["site-3"] = tmp_path / "site-3" / "simulate_job"  # a site of the federation with no update and no row
+    with pytest.raises(SiteMissing, match=r"\['site-3'\]"):
+        parse_run("unet3d_fedbn", server, sites)
