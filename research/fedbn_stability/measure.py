@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedseg3d.data.dataset import calibration_batches, make_train_loader
+from fedseg3d.data.dataset import make_train_loader
 from fedseg3d.data.site_config import SiteConfig
 from fedseg3d.data.transforms import PreprocessConfig
 from fedseg3d.models.local_state import load_shared_state
 from fedseg3d.models.presets import PresetUNet
-from fedseg3d.training.norm_calibration import batchnorm_layers, recalibrate_batchnorm
+from fedseg3d.training.norm_calibration import batchnorm_layers, recalibrate_batchnorm, window_batches
 from fedseg3d.training.site_trainer import SiteTrainer, TrainingConfig
 
 
@@ -48,14 +48,16 @@ class BatchStats(torch.nn.Module):
 
 
 def recalibrated(trainer: SiteTrainer, model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """The product's recalibration: the site's training volumes, tiled as evaluation tiles them."""
     model = copy.deepcopy(model)
-    batches = calibration_batches(trainer.train_cases.items, trainer.preprocessing, trainer.training.batch_size, seed)
-    recalibrate_batchnorm(model, batches, trainer.device)
+    recalibrate_batchnorm(
+        model, window_batches(trainer.train_cases.items, trainer.preprocessing.roi_size), trainer.device
+    )
     return model
 
 
 def recalibrated_on_training_loader(trainer: SiteTrainer, model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """As ``recalibrated`` but on the augmented training batches (flips and intensity jitter)."""
+    """As ``recalibrated`` but on the training batches: label-centred patches with flips and intensity jitter."""
     model = copy.deepcopy(model)
     loader = make_train_loader(trainer.train_cases.items, trainer.preprocessing, trainer.training.batch_size, seed)
     recalibrate_batchnorm(model, [batch["image"] for batch in loader], trainer.device)
@@ -64,19 +66,10 @@ def recalibrated_on_training_loader(trainer: SiteTrainer, model: torch.nn.Module
 
 def val_window_stats(trainer: SiteTrainer, model: torch.nn.Module) -> torch.nn.Module:
     """A copy whose running statistics are those of the site's validation volumes (the sliding-window tiles)."""
-    from monai.inferers import SlidingWindowInferer
-
-    windows: list[torch.Tensor] = []
-
-    def record(x: torch.Tensor) -> torch.Tensor:
-        windows.append(x.clone())
-        return x
-
-    inferer = SlidingWindowInferer(trainer.preprocessing.roi_size, sw_batch_size=4, overlap=0.25)
-    for item in trainer.val_cases.items:
-        inferer(item["image"].unsqueeze(0), record)
     model = copy.deepcopy(model)
-    recalibrate_batchnorm(model, windows, trainer.device)
+    recalibrate_batchnorm(
+        model, window_batches(trainer.val_cases.items, trainer.preprocessing.roi_size), trainer.device
+    )
     return model
 
 

@@ -16,7 +16,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from monai.inferers import SlidingWindowInferer
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from fedseg3d.training.loops import SW_BATCH_SIZE, SW_OVERLAP
 
 
 def batchnorm_layers(model: torch.nn.Module) -> list[_BatchNorm]:
@@ -65,3 +68,20 @@ def recalibrate_batchnorm(model: torch.nn.Module, batches: Iterable[torch.Tensor
     if used == 0:
         raise ValueError("batch-norm recalibration got no batches: the site has no training patches to use")
     return used
+
+
+@torch.no_grad()
+def window_batches(items: list[dict], roi_size: tuple[int, int, int]) -> list[torch.Tensor]:
+    """The batches of tiles that sliding-window inference (``fedseg3d.training.loops.evaluate``) would feed the model
+    for each volume of ``items`` (``{"image": (C, *spatial)}``): the data to recalibrate batch norm on, so that the
+    statistics describe what evaluation sees. Deterministic: the same tiles every time."""
+    batches: list[torch.Tensor] = []
+
+    def record(tiles: torch.Tensor) -> torch.Tensor:
+        batches.append(tiles.detach().cpu().clone())
+        return tiles[:, :1]
+
+    inferer = SlidingWindowInferer(roi_size, sw_batch_size=SW_BATCH_SIZE, overlap=SW_OVERLAP)
+    for item in items:
+        inferer(item["image"].unsqueeze(0), record)
+    return batches
