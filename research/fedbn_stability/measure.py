@@ -20,14 +20,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.inferers import SlidingWindowInferer
 
 from fedseg3d.data.dataset import make_train_loader
 from fedseg3d.data.site_config import SiteConfig
 from fedseg3d.data.transforms import PreprocessConfig
 from fedseg3d.models.local_state import load_shared_state
 from fedseg3d.models.presets import PresetUNet
-from fedseg3d.training.norm_calibration import batchnorm_layers, recalibrate_batchnorm, window_batches
+from fedseg3d.training.loops import SW_BATCH_SIZE, SW_OVERLAP
+from fedseg3d.training.norm_calibration import batchnorm_layers, patch_batches, recalibrate_batchnorm
 from fedseg3d.training.site_trainer import SiteTrainer, TrainingConfig
+
+
+def window_batches(items: list[dict], roi_size: tuple[int, int, int]) -> list[torch.Tensor]:
+    """The batches of tiles sliding-window evaluation feeds the model for each volume of ``items``."""
+    batches: list[torch.Tensor] = []
+
+    def record(tiles: torch.Tensor) -> torch.Tensor:
+        batches.append(tiles.clone())
+        return tiles
+
+    inferer = SlidingWindowInferer(roi_size, sw_batch_size=SW_BATCH_SIZE, overlap=SW_OVERLAP)
+    with torch.no_grad():
+        for item in items:
+            inferer(item["image"].unsqueeze(0), record)
+    return batches
 
 
 def dice(trainer: SiteTrainer, model: torch.nn.Module) -> float:
@@ -48,7 +65,16 @@ class BatchStats(torch.nn.Module):
 
 
 def recalibrated(trainer: SiteTrainer, model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """The product's recalibration: the site's training volumes, tiled as evaluation tiles them."""
+    """The product's recalibration: at least 64 un-augmented training patches."""
+    model = copy.deepcopy(model)
+    recalibrate_batchnorm(
+        model, patch_batches(trainer.train_cases.items, trainer.preprocessing, seed=seed), trainer.device
+    )
+    return model
+
+
+def recalibrated_on_training_windows(trainer: SiteTrainer, model: torch.nn.Module) -> torch.nn.Module:
+    """Recalibrated on the training volumes tiled as sliding-window evaluation tiles them."""
     model = copy.deepcopy(model)
     recalibrate_batchnorm(
         model, window_batches(trainer.train_cases.items, trainer.preprocessing.roi_size), trainer.device
@@ -121,6 +147,7 @@ def run(args, seed: int) -> dict:
                 recal = recalibrated(t, t.model, seed)
                 rec["own_recal"] = dice(t, recal)
                 rec["own_recal_jitter"] = dice(t, recalibrated_on_training_loader(t, t.model, seed))
+                rec["own_recal_windows"] = dice(t, recalibrated_on_training_windows(t, t.model))
                 val = val_window_stats(t, t.model)
                 rec["own_val_windows"] = dice(t, val)
                 rec["gap_running_vs_recal"] = stat_gap(t.model, recal)  # lag: stats of older weights

@@ -16,10 +16,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from monai.inferers import SlidingWindowInferer
+from monai.transforms import Compose, SpatialPadd
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fedseg3d.training.loops import SW_BATCH_SIZE, SW_OVERLAP
+from fedseg3d.data.transforms import KEYS, PreprocessConfig, patch_sampler
+
+# Patches (at least) and patches per forward pass that batch-norm statistics are recomputed from.
+CALIBRATION_PATCHES = 64
+CALIBRATION_BATCH = 4
 
 
 def batchnorm_layers(model: torch.nn.Module) -> list[_BatchNorm]:
@@ -70,18 +74,19 @@ def recalibrate_batchnorm(model: torch.nn.Module, batches: Iterable[torch.Tensor
     return used
 
 
-@torch.no_grad()
-def window_batches(items: list[dict], roi_size: tuple[int, int, int]) -> list[torch.Tensor]:
-    """The batches of tiles that sliding-window inference (``fedseg3d.training.loops.evaluate``) would feed the model
-    for each volume of ``items`` (``{"image": (C, *spatial)}``): the data to recalibrate batch norm on, so that the
-    statistics describe what evaluation sees. Deterministic: the same tiles every time."""
-    batches: list[torch.Tensor] = []
+def patch_batches(
+    items: list[dict], cfg: PreprocessConfig, min_patches: int = CALIBRATION_PATCHES, seed: int = 0
+) -> list[torch.Tensor]:
+    """Batches of at least ``min_patches`` training patches, drawn as training draws them (label-centred crops)
+    but without flips or intensity jitter, passing over the volumes as often as needed; the same for the same seed.
 
-    def record(tiles: torch.Tensor) -> torch.Tensor:
-        batches.append(tiles.detach().cpu().clone())
-        return tiles[:, :1]
-
-    inferer = SlidingWindowInferer(roi_size, sw_batch_size=SW_BATCH_SIZE, overlap=SW_OVERLAP)
-    for item in items:
-        inferer(item["image"].unsqueeze(0), record)
-    return batches
+    Why this many: a site with one training volume yields ``samples_per_volume`` patches a pass, and statistics
+    from two patches were noise (at the real MR site they made evaluation worse than the stale running averages).
+    """
+    transform = Compose([SpatialPadd(keys=KEYS, spatial_size=cfg.roi_size), patch_sampler(cfg)])
+    transform.set_random_state(seed=seed)
+    patches: list[torch.Tensor] = []
+    while len(patches) < min_patches:
+        for item in items:
+            patches.extend(crop["image"] for crop in transform(item))
+    return [torch.stack(patches[i : i + CALIBRATION_BATCH]) for i in range(0, len(patches), CALIBRATION_BATCH)]

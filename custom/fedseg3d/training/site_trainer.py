@@ -31,7 +31,7 @@ from fedseg3d.training.device import resolve_device, use_mixed_precision
 from fedseg3d.training.dpsgd import DPSGDConfig, check_model_supports_dpsgd, train_dpsgd
 from fedseg3d.training.dpsgd_plan import DPSGDPlan
 from fedseg3d.training.loops import EvalResult, TrainStats, evaluate, make_loss, train_local
-from fedseg3d.training.norm_calibration import batchnorm_layers, recalibrate_batchnorm, window_batches
+from fedseg3d.training.norm_calibration import batchnorm_layers, patch_batches, recalibrate_batchnorm
 from fedseg3d.training.site_models import BEST_GLOBAL, BEST_LOCAL, SiteModelStore
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class TrainingConfig:
             loss (``fedseg3d.training.loops.make_loss``); empty or all 1 is the unweighted loss. A class the
             network learns late (the lesion) can be weighted up. Same for DP-SGD, whose loss stays per patient.
         recalibrate_norm: FedBN: before a model is validated or saved, recompute its batch-norm running statistics
-            on the site's own training volumes with the weights being evaluated
+            on the site's own training patches with the weights being evaluated
             (``fedseg3d.training.norm_calibration``). Off, the running averages of earlier weights (or, for a
             global model, of the site's local weights) are used and evaluation can collapse to Dice near 0.
             Ignored without batch norm or without ``keep_batchnorm_local`` (FedAvg's statistics are averaged).
@@ -304,12 +304,12 @@ class SiteTrainer:
         return candidate
 
     def _calibrate(self, model: torch.nn.Module) -> None:
-        """Recompute ``model``'s batch-norm statistics on this site's training volumes, tiled as evaluation tiles them
-        (FedBN with ``recalibrate_norm``); the same tiles every time, so a model scores the same whenever evaluated."""
+        """Recompute ``model``'s batch-norm statistics on this site's training patches (FedBN with
+        ``recalibrate_norm``); the same patches every time, so a model scores the same whenever it is evaluated."""
         if not self.recalibrate:
             return
         if self._calibration is None:
-            self._calibration = window_batches(self.train_cases.items, self.preprocessing.roi_size)
+            self._calibration = patch_batches(self.train_cases.items, self.preprocessing, seed=self.training.seed)
         recalibrate_batchnorm(model, self._calibration, self.device)
 
     def _adopt_first_local_state(self, weights: dict[str, np.ndarray]) -> None:
