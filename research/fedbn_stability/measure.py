@@ -73,12 +73,10 @@ def recalibrated(trainer: SiteTrainer, model: torch.nn.Module, seed: int) -> tor
     return model
 
 
-def recalibrated_on_training_windows(trainer: SiteTrainer, model: torch.nn.Module) -> torch.nn.Module:
-    """Recalibrated on the training volumes tiled as sliding-window evaluation tiles them."""
+def recalibrated_on_windows(trainer: SiteTrainer, model: torch.nn.Module, items: list[dict]) -> torch.nn.Module:
+    """A copy recalibrated on ``items`` (volumes) tiled as sliding-window evaluation tiles them."""
     model = copy.deepcopy(model)
-    recalibrate_batchnorm(
-        model, window_batches(trainer.train_cases.items, trainer.preprocessing.roi_size), trainer.device
-    )
+    recalibrate_batchnorm(model, window_batches(items, trainer.preprocessing.roi_size), trainer.device)
     return model
 
 
@@ -87,15 +85,6 @@ def recalibrated_on_training_loader(trainer: SiteTrainer, model: torch.nn.Module
     model = copy.deepcopy(model)
     loader = make_train_loader(trainer.train_cases.items, trainer.preprocessing, trainer.training.batch_size, seed)
     recalibrate_batchnorm(model, [batch["image"] for batch in loader], trainer.device)
-    return model
-
-
-def val_window_stats(trainer: SiteTrainer, model: torch.nn.Module) -> torch.nn.Module:
-    """A copy whose running statistics are those of the site's validation volumes (the sliding-window tiles)."""
-    model = copy.deepcopy(model)
-    recalibrate_batchnorm(
-        model, window_batches(trainer.val_cases.items, trainer.preprocessing.roi_size), trainer.device
-    )
     return model
 
 
@@ -147,8 +136,8 @@ def run(args, seed: int) -> dict:
                 recal = recalibrated(t, t.model, seed)
                 rec["own_recal"] = dice(t, recal)
                 rec["own_recal_jitter"] = dice(t, recalibrated_on_training_loader(t, t.model, seed))
-                rec["own_recal_windows"] = dice(t, recalibrated_on_training_windows(t, t.model))
-                val = val_window_stats(t, t.model)
+                rec["own_recal_windows"] = dice(t, recalibrated_on_windows(t, t.model, t.train_cases.items))
+                val = recalibrated_on_windows(t, t.model, t.val_cases.items)  # the validation tiles' own stats
                 rec["own_val_windows"] = dice(t, val)
                 rec["gap_running_vs_recal"] = stat_gap(t.model, recal)  # lag: stats of older weights
                 rec["gap_recal_vs_val"] = stat_gap(recal, val)  # shift: training patches vs validation windows
