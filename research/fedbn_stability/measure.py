@@ -20,14 +20,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.inferers import SlidingWindowInferer
 
-from fedseg3d.data.dataset import calibration_batches, make_train_loader
+from fedseg3d.data.dataset import make_train_loader
 from fedseg3d.data.site_config import SiteConfig
 from fedseg3d.data.transforms import PreprocessConfig
 from fedseg3d.models.local_state import load_shared_state
 from fedseg3d.models.presets import PresetUNet
-from fedseg3d.training.norm_calibration import batchnorm_layers, recalibrate_batchnorm
+from fedseg3d.training.loops import SW_BATCH_SIZE, SW_OVERLAP
+from fedseg3d.training.norm_calibration import batchnorm_layers, patch_batches, recalibrate_batchnorm
 from fedseg3d.training.site_trainer import SiteTrainer, TrainingConfig
+
+
+def window_batches(items: list[dict], roi_size: tuple[int, int, int]) -> list[torch.Tensor]:
+    """The batches of tiles sliding-window evaluation feeds the model for each volume of ``items``."""
+    batches: list[torch.Tensor] = []
+
+    def record(tiles: torch.Tensor) -> torch.Tensor:
+        batches.append(tiles.clone())
+        return tiles
+
+    inferer = SlidingWindowInferer(roi_size, sw_batch_size=SW_BATCH_SIZE, overlap=SW_OVERLAP)
+    with torch.no_grad():
+        for item in items:
+            inferer(item["image"].unsqueeze(0), record)
+    return batches
 
 
 def dice(trainer: SiteTrainer, model: torch.nn.Module) -> float:
@@ -48,35 +65,26 @@ class BatchStats(torch.nn.Module):
 
 
 def recalibrated(trainer: SiteTrainer, model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """The product's recalibration: at least 64 un-augmented training patches."""
     model = copy.deepcopy(model)
-    batches = calibration_batches(trainer.train_cases.items, trainer.preprocessing, trainer.training.batch_size, seed)
-    recalibrate_batchnorm(model, batches, trainer.device)
+    recalibrate_batchnorm(
+        model, patch_batches(trainer.train_cases.items, trainer.preprocessing, seed=seed), trainer.device
+    )
+    return model
+
+
+def recalibrated_on_windows(trainer: SiteTrainer, model: torch.nn.Module, items: list[dict]) -> torch.nn.Module:
+    """A copy recalibrated on ``items`` (volumes) tiled as sliding-window evaluation tiles them."""
+    model = copy.deepcopy(model)
+    recalibrate_batchnorm(model, window_batches(items, trainer.preprocessing.roi_size), trainer.device)
     return model
 
 
 def recalibrated_on_training_loader(trainer: SiteTrainer, model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """As ``recalibrated`` but on the augmented training batches (flips and intensity jitter)."""
+    """As ``recalibrated`` but on the training batches: label-centred patches with flips and intensity jitter."""
     model = copy.deepcopy(model)
     loader = make_train_loader(trainer.train_cases.items, trainer.preprocessing, trainer.training.batch_size, seed)
     recalibrate_batchnorm(model, [batch["image"] for batch in loader], trainer.device)
-    return model
-
-
-def val_window_stats(trainer: SiteTrainer, model: torch.nn.Module) -> torch.nn.Module:
-    """A copy whose running statistics are those of the site's validation volumes (the sliding-window tiles)."""
-    from monai.inferers import SlidingWindowInferer
-
-    windows: list[torch.Tensor] = []
-
-    def record(x: torch.Tensor) -> torch.Tensor:
-        windows.append(x.clone())
-        return x
-
-    inferer = SlidingWindowInferer(trainer.preprocessing.roi_size, sw_batch_size=4, overlap=0.25)
-    for item in trainer.val_cases.items:
-        inferer(item["image"].unsqueeze(0), record)
-    model = copy.deepcopy(model)
-    recalibrate_batchnorm(model, windows, trainer.device)
     return model
 
 
@@ -128,7 +136,8 @@ def run(args, seed: int) -> dict:
                 recal = recalibrated(t, t.model, seed)
                 rec["own_recal"] = dice(t, recal)
                 rec["own_recal_jitter"] = dice(t, recalibrated_on_training_loader(t, t.model, seed))
-                val = val_window_stats(t, t.model)
+                rec["own_recal_windows"] = dice(t, recalibrated_on_windows(t, t.model, t.train_cases.items))
+                val = recalibrated_on_windows(t, t.model, t.val_cases.items)  # the validation tiles' own stats
                 rec["own_val_windows"] = dice(t, val)
                 rec["gap_running_vs_recal"] = stat_gap(t.model, recal)  # lag: stats of older weights
                 rec["gap_recal_vs_val"] = stat_gap(recal, val)  # shift: training patches vs validation windows

@@ -34,7 +34,8 @@ def summarise(path: Path) -> str:
     for track in ("own", "global_site"):
         found = [f"seed {run['seed']}: {c}" for run in runs for c in collapses(run["records"], track)]
         total = sum(1 for run in runs for r in run["records"] if r["round"] >= 2)
-        lines.append(f"- collapsed site-rounds, {track}: {len(found)} of {total} {found}")
+        by_site = {site: sum(f" {site} " in f" {c} " for c in found) for site in sorted(runs[0]["final"])}
+        lines.append(f"- collapsed site-rounds, {track}: {len(found)} of {total}, by site {by_site}: {found}")
     sites = sorted(runs[0]["final"])
     lines += [
         "",
@@ -70,6 +71,7 @@ def summarise(path: Path) -> str:
                 ("own", "own_batchstats"),
                 ("own", "own_recal"),
                 ("own_recal", "own_recal_jitter"),
+                ("own_recal", "own_recal_windows"),
                 ("global_site", "global_recal"),
             )
             if all(pair[1] in r for r in diag)

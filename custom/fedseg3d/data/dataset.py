@@ -22,7 +22,6 @@ from fedseg3d.data.dicom import MONAI_DICOM_READER_ARGS
 from fedseg3d.data.errors import DataError
 from fedseg3d.data.transforms import (
     PreprocessConfig,
-    calibration_transform,
     orientation_transform,
     resample_and_normalise_transform,
     train_augment_transform,
@@ -126,15 +125,3 @@ def make_train_loader(items: list[dict], cfg: PreprocessConfig, batch_size: int,
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=True, num_workers=0, collate_fn=list_data_collate, generator=generator
     )
-
-
-def calibration_batches(items: list[dict], cfg: PreprocessConfig, batch_size: int, seed: int) -> list[torch.Tensor]:
-    """Image batches of un-augmented training patches (``samples_per_volume`` per volume), the same for the same
-    ``seed``: the data batch-norm recalibration runs on, so two evaluations of one model agree."""
-    transform = calibration_transform(cfg)
-    transform.set_random_state(seed=seed)
-    loader = DataLoader(
-        Dataset(data=items, transform=transform), batch_size=batch_size, shuffle=False, num_workers=0,
-        collate_fn=list_data_collate,
-    )  # fmt: skip
-    return [batch["image"] for batch in loader]

@@ -167,12 +167,6 @@ def patch_sampler(cfg: PreprocessConfig) -> RandCropByPosNegLabeld | RandCropByL
     )
 
 
-def calibration_transform(cfg: PreprocessConfig) -> Compose:
-    """Patches drawn as in training but without flips or intensity jitter: what batch-norm recalibration
-    (``fedseg3d.training.norm_calibration``) estimates the site's statistics from."""
-    return Compose([SpatialPadd(keys=KEYS, spatial_size=cfg.roi_size), patch_sampler(cfg)])
-
-
 def train_augment_transform(cfg: PreprocessConfig) -> Compose:
     """Random part, run every epoch: pad to the ROI, draw label-balanced patches, flip, jitter intensity."""
     return Compose(

@@ -17,6 +17,10 @@ from fedseg3d.training.loss import PresentClassDiceCELoss
 
 logger = logging.getLogger(__name__)
 
+# Sliding-window inference: windows per forward pass and their overlap (batch-norm recalibration cuts the same tiles).
+SW_BATCH_SIZE = 4
+SW_OVERLAP = 0.25
+
 
 @dataclass(frozen=True)
 class TrainStats:
@@ -129,7 +133,9 @@ def evaluate(
         image = item["image"].unsqueeze(0).to(device)
         label = item["label"].unsqueeze(0).to(device)
         with torch.autocast(device.type, enabled=amp):
-            logits = sliding_window_inference(image, roi_size, sw_batch_size=4, predictor=model, overlap=0.25)
+            logits = sliding_window_inference(
+                image, roi_size, sw_batch_size=SW_BATCH_SIZE, predictor=model, overlap=SW_OVERLAP
+            )
         dice.add(torch.argmax(logits.float(), dim=1), label[:, 0].long())
     class_dice = dice.result()
     mean_dice = sum(class_dice.values()) / len(class_dice) if class_dice else float("nan")

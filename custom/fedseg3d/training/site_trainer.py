@@ -20,7 +20,7 @@ import torch
 from monai.utils import set_determinism
 
 from fedseg3d.data.datalist import Datalist, load_datalist
-from fedseg3d.data.dataset import CasePreparer, PreparedCases, calibration_batches, make_train_loader, prepare_cases
+from fedseg3d.data.dataset import CasePreparer, PreparedCases, make_train_loader, prepare_cases
 from fedseg3d.data.site_config import SiteConfig
 from fedseg3d.data.task import json_list, per_class_values
 from fedseg3d.data.transforms import PreprocessConfig
@@ -32,7 +32,7 @@ from fedseg3d.training.device import resolve_device, use_mixed_precision
 from fedseg3d.training.dpsgd import DPSGDConfig, check_model_supports_dpsgd, train_dpsgd
 from fedseg3d.training.dpsgd_plan import DPSGDPlan
 from fedseg3d.training.loops import EvalResult, TrainStats, evaluate, make_loss, train_local
-from fedseg3d.training.norm_calibration import batchnorm_layers, recalibrate_batchnorm
+from fedseg3d.training.norm_calibration import batchnorm_layers, patch_batches, recalibrate_batchnorm
 from fedseg3d.training.site_models import BEST_GLOBAL, BEST_LOCAL, SiteModelStore
 
 logger = logging.getLogger(__name__)
@@ -301,9 +301,7 @@ class SiteTrainer:
         if not self.recalibrate:
             return
         if self._calibration is None:
-            self._calibration = calibration_batches(
-                self.train_cases.items, self.preprocessing, self.training.batch_size, seed=self.training.seed
-            )
+            self._calibration = patch_batches(self.train_cases.items, self.preprocessing, seed=self.training.seed)
         recalibrate_batchnorm(model, self._calibration, self.device)
 
     def _adopt_first_local_state(self, weights: dict[str, np.ndarray]) -> None:
