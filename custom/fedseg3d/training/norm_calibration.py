@@ -18,6 +18,7 @@ from collections.abc import Iterable
 import torch
 from monai.transforms import Compose, SpatialPadd
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.swa_utils import update_bn
 
 from fedseg3d.data.transforms import KEYS, PreprocessConfig, patch_sampler
 
@@ -31,13 +32,14 @@ def batchnorm_layers(model: torch.nn.Module) -> list[_BatchNorm]:
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
 
 
-@torch.no_grad()
 def recalibrate_batchnorm(model: torch.nn.Module, batches: Iterable[torch.Tensor], device: torch.device) -> int:
     """Replace every batch-norm layer's running mean and variance by the statistics of ``batches`` under the
     model's current weights; learned parameters (including the affine weight and bias) are left untouched.
 
-    Every batch counts equally (cumulative average, ``momentum=None``), so the result does not depend on the order
-    of the batches or on how the layer was trained. The model is left in evaluation mode.
+    torch's ``swa_utils.update_bn`` does the work: every batch counts equally (cumulative average), so the result
+    does not depend on the order of the batches or on how the layer was trained. It runs the model in training mode,
+    which is the same as batch norm alone in training mode for these presets (they have no dropout). The model is
+    left in evaluation mode.
 
     Args:
         model: the network, changed in place.
@@ -50,28 +52,14 @@ def recalibrate_batchnorm(model: torch.nn.Module, batches: Iterable[torch.Tensor
     Raises:
         ValueError: the model has batch norm but ``batches`` is empty (the old statistics would silently stay).
     """
-    layers = batchnorm_layers(model)
-    if not layers:
+    if not batchnorm_layers(model):
         return 0
-    momenta = [layer.momentum for layer in layers]
-    for layer in layers:
-        layer.reset_running_stats()
-        layer.momentum = None
-    model.eval()
-    for layer in layers:
-        layer.train()
-    used = 0
-    try:
-        for images in batches:
-            model(images.to(device))
-            used += 1
-    finally:
-        for layer, momentum in zip(layers, momenta, strict=True):
-            layer.momentum = momentum
-        model.eval()
-    if used == 0:
+    batches = list(batches)
+    if not batches:
         raise ValueError("batch-norm recalibration got no batches: the site has no training patches to use")
-    return used
+    update_bn(batches, model, device)
+    model.eval()
+    return len(batches)
 
 
 def patch_batches(

@@ -50,6 +50,7 @@ class SiteModelStore:
         self.site_name = site_name
         self.output_dir = Path(output_dir)
         self.entries: dict[str, dict] = {}
+        self._deployed: tuple[str, int] | None = None  # which best file best_model.pt copies, and its round
 
     def best_dice(self, name: str) -> float:
         """The Dice of the model saved as ``name`` (``-inf`` when none is)."""
@@ -84,7 +85,9 @@ class SiteModelStore:
         index = dict(self.entries)
         if candidates:
             best = max(candidates, key=self.best_dice)
-            shutil.copyfile(self.output_dir / best, self.output_dir / BEST)
+            if self._deployed != (best, self.entries[best]["round"]):  # copy only when the deployable model changed
+                shutil.copyfile(self.output_dir / best, self.output_dir / BEST)
+                self._deployed = (best, self.entries[best]["round"])
             index[BEST] = {**self.entries[best], "what": f"the model to deploy at this site: a copy of {best}"}
         text = json.dumps({"site": self.site_name, "models": index}, indent=2)
         (self.output_dir / INDEX).write_text(text + "\n")
