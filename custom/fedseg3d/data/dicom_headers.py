@@ -125,7 +125,7 @@ def check_image_object(ds: Dataset, path: Path) -> None:
         if name != str(sop_class) and "Image Storage" not in name:
             raise DataError(path, f"SOP class {name} ({sop_class}) is not an image storage class; not an image")
     if "PixelData" not in ds:
-        raise DataError(path, "no PixelData (7FE0,0010): not an image")
+        raise DataError(path, "no PixelData (7FE0,0010): not an image, or the file ends before its pixel data")
     photometric = str(field_value(ds, path, "PhotometricInterpretation") or "MONOCHROME2")
     samples = int_field(ds, path, "SamplesPerPixel", default=1, minimum=1)
     if photometric not in ("MONOCHROME1", "MONOCHROME2") or samples != 1:

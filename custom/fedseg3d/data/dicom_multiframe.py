@@ -145,14 +145,16 @@ def _decode_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """The rescaled voxels indexed [column, row, frame] and their voxel-to-LPS affine, in file frame order."""
     try:
         image = hd.imread(path)
-        volume = image.get_volume(dtype=np.float32, apply_voi_transform=False)
+        # Rescaled in float64, then stored as float32, as MONAI's single-frame reader does: the same file content
+        # gives the same voxels whichever form it came in.
+        volume = image.get_volume(dtype=np.float64, apply_voi_transform=False)
     except Exception as exc:  # decoders raise many types for damaged streams
         uid = transfer_syntax(read_header(path), path)
         raise DataError(path, f"pixel data cannot be decoded ({uid.name}: {type(exc).__name__}: {exc})") from exc
     if not np.allclose(volume.position, _frame_values(image, path, 0, "position"), atol=1e-3):
         volume = volume.flip_spatial(0)  # highdicom sorted the frames the other way along the normal
     # highdicom indexes (frame, row, column); this project indexes [i = column, j = row, k = frame].
-    return np.ascontiguousarray(volume.array.transpose(2, 1, 0)), volume.affine[:, [2, 1, 0, 3]]
+    return np.ascontiguousarray(volume.array.transpose(2, 1, 0), dtype=np.float32), volume.affine[:, [2, 1, 0, 3]]
 
 
 class MultiFrameDicomReader(ImageReader):
