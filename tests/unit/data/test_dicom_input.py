@@ -161,23 +161,23 @@ def test_compressed_series_and_enhanced_decode_to_the_original(short_series, tmp
 
 
 def test_missing_decoder_names_file_syntax_and_packages(short_series: Path, tmp_path: Path) -> None:
-    """Run where the JPEG-LS plugins cannot be imported, as on a site that skipped requirements.txt."""
-    series = shutil.copytree(short_series, tmp_path / "series")
-    for path in series.iterdir():
-        ds = pydicom.dcmread(path)
-        ds.decompress(generate_instance_uid=False)
-        ds.compress(JPEGLSLossless, generate_instance_uid=False)
-        ds.save_as(path)
+    """Run where the JPEG-LS plugins cannot be imported, as on a site that skipped requirements.txt (a fresh
+    process: pydicom finds its plugins at import)."""
+    path = tmp_path / "slice.dcm"
+    ds = pydicom.dcmread(next(short_series.iterdir()))
+    ds.decompress(generate_instance_uid=False)
+    ds.compress(JPEGLSLossless, generate_instance_uid=False)
+    ds.save_as(path)
     blocked = ("jpeg_ls", "libjpeg", "pylibjpeg")
     code = (
         f"import sys\nfor name in {blocked!r}: sys.modules[name] = None\n"
-        "from fedseg3d.data.dicom import check_dicom_input\n"
-        f"check_dicom_input({str(series)!r})\n"
+        "from fedseg3d.data.dicom_headers import check_decodable, read_header\n"
+        f"check_decodable(read_header({str(path)!r}), {str(path)!r})\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     message = done.stderr.strip().splitlines()[-1]
-    assert message.startswith("fedseg3d.data.errors.DataError: " + str(series)), message
+    assert message.startswith("fedseg3d.data.errors.DataError: " + str(path)), message
     assert "JPEG-LS Lossless Image Compression" in message and "pyjpegls" in message, message
 
 
