@@ -148,9 +148,11 @@ def _decode_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
         # Rescaled in float64, then stored as float32, as MONAI's single-frame reader does: the same file content
         # gives the same voxels whichever form it came in.
         volume = image.get_volume(dtype=np.float64, apply_voi_transform=False)
-    except Exception as exc:  # decoders raise many types for damaged streams
+    except Exception as exc:  # decoders and highdicom's own geometry checks raise many types
         uid = transfer_syntax(read_header(path), path)
-        raise DataError(path, f"pixel data cannot be decoded ({uid.name}: {type(exc).__name__}: {exc})") from exc
+        raise DataError(
+            path, f"cannot read its frames as one volume (TransferSyntaxUID {uid.name}; {type(exc).__name__}: {exc})"
+        ) from exc
     if not np.allclose(volume.position, _frame_values(image, path, 0, "position"), atol=1e-3):
         volume = volume.flip_spatial(0)  # highdicom sorted the frames the other way along the normal
     # highdicom indexes (frame, row, column); this project indexes [i = column, j = row, k = frame].
