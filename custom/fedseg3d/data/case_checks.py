@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from fedseg3d.data.datalist import Case
-from fedseg3d.data.dicom import check_dicom_series
+from fedseg3d.data.dicom import check_dicom_input
 from fedseg3d.data.errors import DataError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -26,19 +26,15 @@ def is_nifti(path: Path) -> bool:
 
 
 def check_case_files(case: Case) -> None:
-    """Check that the files exist and are of a supported kind; DICOM folders get the full series check.
+    """Check that the files exist and are of a supported kind; DICOM images get the full header check.
 
     Raises:
-        DataError: a file is missing, of an unsupported format, or a DICOM folder is not one clean series.
+        DataError: a file is missing, of an unsupported format, or a DICOM image is not one clean 3D stack.
     """
     if not case.image.exists():
         raise DataError(case.image, "image not found")
-    if case.image.is_dir():
-        check_dicom_series(case.image)
-    elif not is_nifti(case.image):
-        raise DataError(
-            case.image, "unsupported image format: expected a NIfTI file (.nii/.nii.gz) or a DICOM series folder"
-        )
+    if case.image.is_dir() or not is_nifti(case.image):
+        check_dicom_input(case.image)
     if not case.label.exists():
         raise DataError(case.label, "label not found")
     if not case.label.is_file() or not is_nifti(case.label):

@@ -16,9 +16,16 @@ from monai.data import DataLoader, Dataset, list_data_collate
 from monai.data.image_reader import NibabelReader, PydicomReader
 from monai.transforms import LoadImage
 
-from fedseg3d.data.case_checks import check_case_files, check_image_content, check_label_content, check_same_geometry
+from fedseg3d.data.case_checks import (
+    check_case_files,
+    check_image_content,
+    check_label_content,
+    check_same_geometry,
+    is_nifti,
+)
 from fedseg3d.data.datalist import Case
-from fedseg3d.data.dicom import MONAI_DICOM_READER_ARGS
+from fedseg3d.data.dicom import MONAI_DICOM_READER_ARGS, check_dicom_series, multiframe_file
+from fedseg3d.data.dicom_multiframe import MultiFrameDicomReader
 from fedseg3d.data.errors import DataError
 from fedseg3d.data.transforms import (
     PreprocessConfig,
@@ -39,18 +46,40 @@ class PreparedCases:
 
 
 class VolumeLoader:
-    """Reads one volume with the MONAI reader that fits it: NIfTI files with nibabel, DICOM folders with pydicom."""
+    """Reads one volume with the MONAI reader that fits it, channel first, with its RAS affine.
+
+    NIfTI files go to nibabel; a DICOM single-frame series folder to MONAI's pydicom reader, after
+    ``check_dicom_series``; an enhanced multi-frame DICOM file (or a folder holding only that file) to
+    ``MultiFrameDicomReader``. Every failure is a ``DataError`` naming the file.
+    """
 
     def __init__(self) -> None:
         self._nifti = LoadImage(reader=NibabelReader(), image_only=True, ensure_channel_first=True)
         self._dicom = LoadImage(
             reader=PydicomReader(**MONAI_DICOM_READER_ARGS), image_only=True, ensure_channel_first=True
         )
+        self._frames_reader = MultiFrameDicomReader()
+        self._multiframe = LoadImage(reader=self._frames_reader, image_only=True, ensure_channel_first=True)
 
     def __call__(self, path: Path) -> torch.Tensor:
-        reader = self._dicom if path.is_dir() else self._nifti
+        path = Path(path)
+        if is_nifti(path):
+            return self._read(self._nifti, path, path)
+        if not path.exists():
+            raise DataError(path, "image not found")
+        frames_file = multiframe_file(path)
+        if frames_file is not None:
+            # Named at call time, so that MONAI never falls back to PydicomReader, which misreads these files.
+            return self._read(lambda name: self._multiframe(name, reader=self._frames_reader), frames_file, path)
+        check_dicom_series(path)  # MONAI's reader would stack a broken folder without complaint
+        return self._read(self._dicom, path, path)
+
+    @staticmethod
+    def _read(reader: Callable[[str], torch.Tensor], source: Path, path: Path) -> torch.Tensor:
         try:
-            return reader(str(path))
+            return reader(str(source))
+        except DataError:
+            raise
         except Exception as err:  # nibabel/pydicom raise many types for truncated or corrupt files
             # MONAI's message goes on to list every reader it tried; its first line says what matters.
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""

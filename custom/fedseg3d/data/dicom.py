@@ -1,4 +1,4 @@
-"""Write and check single-frame DICOM series.
+"""Write single-frame DICOM series; check any DICOM case image (series folder or enhanced multi-frame file).
 
 Sites often hold images as DICOM series (one file per slice) while their labels are NIfTI files. MONAI's
 ``PydicomReader`` loads a series folder by stacking *whatever* it finds there, so a folder that mixes two series,
@@ -6,6 +6,8 @@ misses a slice or holds a colour screenshot still loads, with a wrong affine and
 silently learns from garbage. ``check_dicom_series`` reads the headers only and rejects such folders with an
 error naming the folder or file and what is wrong. ``write_dicom_series`` produces valid series from a volume
 and its affine, used for the synthetic DICOM sites and for testing that geometry survives the round trip.
+``check_dicom_input`` accepts a series folder, an enhanced multi-frame file, or a folder holding only that file
+(``fedseg3d.data.dicom_multiframe``); ``source_datasets`` gives the datasets a volume was read from, in its order.
 
 Geometry conventions: volumes are indexed ``[i, j, k]`` with a 4x4 voxel-to-RAS-millimetre affine, as nibabel
 uses. DICOM patient coordinates are LPS, so x and y change sign. Slice ``k`` is one file whose pixel rows run
@@ -15,7 +17,6 @@ reader (with its default ``swap_ij=True``) turns back into ``[i, j, k]``.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,26 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 from pydicom.valuerep import format_number_as_ds
 
+from fedseg3d.data.dicom_geometry import (
+    ORIENTATION_TOL,
+    FrameGeometry,
+    check_even_stack,
+    check_one_grid,
+    describe_groups,
+)
+from fedseg3d.data.dicom_headers import (
+    check_decodable,
+    check_image_object,
+    check_pixel_data_length,
+    field_value,
+    floats_field,
+    int_field,
+    read_header,
+)
+from fedseg3d.data.dicom_multiframe import check_multiframe, number_of_frames
 from fedseg3d.data.errors import DataError
 
 # Arguments for ``monai.data.PydicomReader`` (or ``LoadImage(reader="PydicomReader", **MONAI_DICOM_READER_ARGS)``)
@@ -39,12 +57,6 @@ MONAI_DICOM_READER_ARGS: dict[str, Any] = {"affine_lps_to_ras": True, "swap_ij":
 
 _SOP_CLASS = {"MR": MRImageStorage, "CT": CTImageStorage}
 _UINT16_MAX = 65535
-_ORIENTATION_TOL = 1e-4  # direction cosines; DS strings keep about 13 significant digits
-_SPACING_REL_TOL = 1e-4
-_DUPLICATE_TOL_MM = 1e-3
-_GAP_REL_TOL = 0.01  # a gap may differ from the median by 1 % of it or 0.01 mm, whichever is larger
-_GAP_ABS_TOL_MM = 0.01
-_REQUIRED_TAGS = ("Rows", "Columns", "BitsAllocated", "PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient")
 
 
 @dataclass(frozen=True)
@@ -192,7 +204,7 @@ def write_dicom_series(
     if min(col_spacing, row_spacing) <= 0:
         raise DataError(out_dir, "affine_ras has a zero-length i or j axis")
     row_cosine, col_cosine = col_step / col_spacing, row_step / row_spacing
-    if abs(float(row_cosine @ col_cosine)) > _ORIENTATION_TOL:
+    if abs(float(row_cosine @ col_cosine)) > ORIENTATION_TOL:
         raise DataError(out_dir, "affine_ras axes i and j are not orthogonal; DICOM slices cannot be sheared")
     normal = np.cross(row_cosine, col_cosine)
     slice_spacing = abs(float(affine_lps[:3, 2] @ normal))
@@ -248,56 +260,41 @@ def _slice_dataset(template: Dataset, pixels: np.ndarray, position: np.ndarray, 
 class _SliceHeader:
     path: Path
     series_uid: str
-    orientation: np.ndarray  # 6 direction cosines
-    position: np.ndarray  # 3 LPS mm
-    rows: int
-    cols: int
-    pixel_spacing: tuple[float, float]
+    geometry: FrameGeometry
     instance_number: int | None
 
 
-def _read_header(path: Path) -> _SliceHeader:
+def _read_slice_header(path: Path) -> _SliceHeader:
     """Read one file's header (no pixels) and reject anything that is not a single-frame greyscale image slice."""
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except Exception as exc:  # pydicom raises many types for corrupt input; all mean the same to the user
-        raise DataError(path, f"not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
-
-    sop_class = ds.get("SOPClassUID")
-    if sop_class is not None:
-        name = UID(sop_class).name
-        if name != str(sop_class) and "Image Storage" not in name:
-            raise DataError(path, f"SOP class {name} ({sop_class}) is not an image storage class; not an image slice")
-    n_frames = int(ds.get("NumberOfFrames") or 1)
+    ds = read_header(path)
+    check_image_object(ds, path)
+    n_frames = number_of_frames(ds, path)
     if n_frames > 1:
         raise DataError(
             path,
-            f"multi-frame DICOM ({n_frames} frames) is not supported; split it into one single-frame file per "
-            "slice (for example with dcm4che's emf2sf) in its own folder",
+            f"multi-frame DICOM ({n_frames} frames) in a folder with other files; an enhanced multi-frame image "
+            "must be alone in its folder (or given as the file itself), a series folder holds single-frame slices",
         )
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    samples = int(ds.get("SamplesPerPixel") or 1)
-    if photometric not in ("MONOCHROME1", "MONOCHROME2") or samples != 1:
-        raise DataError(
-            path,
-            f"colour image (PhotometricInterpretation {photometric}, SamplesPerPixel {samples}); "
-            "only greyscale MONOCHROME1/2 slices with SamplesPerPixel 1 are supported",
-        )
-    missing = [tag for tag in _REQUIRED_TAGS if tag not in ds]
-    if missing:
-        raise DataError(
-            path, f"not an image slice: missing {', '.join(missing)} (pixel data description or slice geometry)"
-        )
-    instance = ds.get("InstanceNumber")
+    rows, cols = int_field(ds, path, "Rows", minimum=1), int_field(ds, path, "Columns", minimum=1)
+    spacing = floats_field(ds, path, "PixelSpacing", 2)
+    if (spacing <= 0).any():
+        raise DataError(path, f"PixelSpacing (0028,0030) is {spacing.tolist()}, expected positive numbers")
+    check_decodable(ds, path)
+    check_pixel_data_length(ds, path, rows, cols, 1)
+    instance = field_value(ds, path, "InstanceNumber")
+    geometry = FrameGeometry(
+        name=path.name,
+        orientation=floats_field(ds, path, "ImageOrientationPatient", 6),
+        position=floats_field(ds, path, "ImagePositionPatient", 3),
+        rows=rows,
+        cols=cols,
+        pixel_spacing=(float(spacing[0]), float(spacing[1])),
+    )
     return _SliceHeader(
         path=path,
-        series_uid=str(ds.get("SeriesInstanceUID", "<none>")),
-        orientation=np.asarray([float(v) for v in ds.ImageOrientationPatient]),
-        position=np.asarray([float(v) for v in ds.ImagePositionPatient]),
-        rows=int(ds.Rows),
-        cols=int(ds.Columns),
-        pixel_spacing=(float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])),
-        instance_number=None if instance in (None, "") else int(instance),
+        series_uid=str(field_value(ds, path, "SeriesInstanceUID") or "<none>"),
+        geometry=geometry,
+        instance_number=None if instance is None else int_field(ds, path, "InstanceNumber"),
     )
 
 
@@ -315,57 +312,18 @@ def _list_files(folder: Path) -> list[Path]:
     return entries
 
 
-def _describe_groups(keys: list[Any], headers: list[_SliceHeader]) -> str:
-    """'value (n files, e.g. name)' for each distinct value, so the user can find the odd files."""
-    counts = Counter(keys)
-    example = {key: h.path.name for key, h in zip(reversed(keys), reversed(headers), strict=True)}
-    return "; ".join(f"{key} ({n} files, e.g. {example[key]})" for key, n in counts.most_common())
-
-
-def _check_consistent(folder: Path, headers: list[_SliceHeader]) -> None:
-    """One series, one orientation, one matrix size and one pixel spacing."""
+def _check_one_series(folder: Path, headers: list[_SliceHeader]) -> None:
     uids = [h.series_uid for h in headers]
     if len(set(uids)) > 1:
         raise DataError(
             folder,
-            f"folder mixes {len(set(uids))} series; SeriesInstanceUIDs: {_describe_groups(uids, headers)}. "
-            "Put each series in its own folder",
-        )
-    first = headers[0].orientation
-    if any(np.abs(h.orientation - first).max() > _ORIENTATION_TOL for h in headers):
-        keys = [tuple(round(float(v), 4) for v in h.orientation) for h in headers]
-        raise DataError(folder, f"slices have different ImageOrientationPatient: {_describe_groups(keys, headers)}")
-    sizes = [(h.rows, h.cols) for h in headers]
-    if len(set(sizes)) > 1:
-        raise DataError(folder, f"slices have different Rows x Columns: {_describe_groups(sizes, headers)}")
-    spacing0 = np.asarray(headers[0].pixel_spacing)
-    if any(np.abs(np.asarray(h.pixel_spacing) - spacing0).max() > _SPACING_REL_TOL * spacing0.max() for h in headers):
-        keys = [h.pixel_spacing for h in headers]
-        raise DataError(folder, f"slices have different PixelSpacing: {_describe_groups(keys, headers)}")
-
-
-def _check_stack(folder: Path, headers: list[_SliceHeader]) -> float:
-    """Slices must tile the volume evenly along the slice normal, numbered in position order.
-
-    Returns:
-        The median gap between neighbouring slices in mm.
-    """
-    normal = np.cross(headers[0].orientation[:3], headers[0].orientation[3:])
-    depth = np.asarray([h.position @ normal for h in headers])
-    order = np.argsort(depth, kind="stable")
-    gaps = np.diff(depth[order])
-    for n in np.flatnonzero(gaps < _DUPLICATE_TOL_MM):
-        a, b = headers[order[n]].path.name, headers[order[n + 1]].path.name
-        raise DataError(folder, f"duplicate slice position {depth[order[n]]:.3f} mm along the normal: {a} and {b}")
-
-    median = float(np.median(gaps))
-    if np.abs(gaps - median).max() > max(_GAP_REL_TOL * median, _GAP_ABS_TOL_MM):
-        raise DataError(
-            folder,
-            f"non-uniform slice spacing along the slice normal: gaps from {gaps.min():.4g} to {gaps.max():.4g} mm "
-            f"(median {median:.4g} mm); a slice is missing or the folder holds more than one stack",
+            f"folder mixes {len(set(uids))} series; SeriesInstanceUIDs: "
+            f"{describe_groups(uids, [h.path.name for h in headers])}. Put each series in its own folder",
         )
 
+
+def _check_instance_numbers(folder: Path, headers: list[_SliceHeader], order: np.ndarray) -> None:
+    """MONAI's reader stacks by InstanceNumber: every slice needs one, increasing (or decreasing) with position."""
     unnumbered = [h.path.name for h in headers if h.instance_number is None]
     if unnumbered:
         raise DataError(
@@ -379,7 +337,20 @@ def _check_stack(folder: Path, headers: list[_SliceHeader]) -> float:
             "InstanceNumber order does not follow slice position (duplicate or shuffled numbers); MONAI's "
             "PydicomReader stacks slices by InstanceNumber, so renumber them along the slice normal",
         )
-    return median
+
+
+def _series_headers(folder: Path) -> tuple[list[_SliceHeader], float]:
+    """Headers of a checked series, in the order the volume stacks them (InstanceNumber, as MONAI's reader does),
+    and the slice spacing in mm."""
+    headers = [_read_slice_header(path) for path in _list_files(folder)]
+    _check_one_series(folder, headers)
+    geometries = [h.geometry for h in headers]
+    check_one_grid(folder, geometries)
+    if len(headers) < 2:
+        raise DataError(folder, f"only {len(headers)} slice; a 3D series needs at least 2 single-frame slices")
+    order, slice_spacing = check_even_stack(folder, geometries)
+    _check_instance_numbers(folder, headers, order)
+    return sorted(headers, key=lambda h: h.instance_number or 0), slice_spacing
 
 
 def check_dicom_series(folder: Path) -> DicomSeriesInfo:
@@ -388,7 +359,7 @@ def check_dicom_series(folder: Path) -> DicomSeriesInfo:
     MONAI's ``PydicomReader`` silently stacks whatever files a folder holds: several series, mixed orientations,
     missing or duplicate slices. It orders slices by InstanceNumber and derives the slice axis from the first and
     last slice only, so such folders load without error but with scrambled voxels or a wrong affine. This check
-    reads headers only (``stop_before_pixels=True``, so it is cheap) and turns each of those cases into an error.
+    reads headers only (the pixel data stays on disk, so it is cheap) and turns each of those cases into an error.
 
     Args:
         folder: the series folder; hidden files (names starting with ".") are ignored, as MONAI's glob does.
@@ -397,24 +368,108 @@ def check_dicom_series(folder: Path) -> DicomSeriesInfo:
         The series' size, spacing, UID and orientation.
 
     Raises:
-        DataError: naming the folder (or the offending file) and the problem: folder missing or empty, a file
-            not readable as DICOM, not an image, colour or multi-frame; several series; mixed orientation,
-            matrix size or pixel spacing; duplicate positions; non-uniform slice spacing; missing or
-            out-of-order InstanceNumbers; fewer than 2 slices.
+        DataError: naming the folder (or the offending file and field) and the problem: folder missing or empty, a
+            file not readable as DICOM, not an image, colour or multi-frame, a malformed or missing header field, a
+            truncated PixelData, no decoder for its transfer syntax; several series; mixed orientation, matrix size
+            or pixel spacing; duplicate positions; non-uniform slice spacing; missing or out-of-order
+            InstanceNumbers; fewer than 2 slices.
     """
     folder = Path(folder)
-    headers = [_read_header(path) for path in _list_files(folder)]
-    _check_consistent(folder, headers)
-    if len(headers) < 2:
-        raise DataError(folder, f"only {len(headers)} slice; a 3D series needs at least 2 single-frame slices")
-    slice_spacing = _check_stack(folder, headers)
-    first = headers[0]
+    headers, slice_spacing = _series_headers(folder)
+    return _info([h.geometry for h in headers], slice_spacing, headers[0].series_uid)
+
+
+def _info(geometries: list[FrameGeometry], slice_spacing: float, series_uid: str) -> DicomSeriesInfo:
+    first = geometries[0]
     return DicomSeriesInfo(
-        n_slices=len(headers),
+        n_slices=len(geometries),
         rows=first.rows,
         cols=first.cols,
         pixel_spacing=first.pixel_spacing,
         slice_spacing=slice_spacing,
-        series_uid=first.series_uid,
+        series_uid=series_uid,
         orientation=tuple(float(v) for v in first.orientation),
     )
+
+
+# ------------------------------------------------------------------------------------------- any DICOM input form
+
+
+def multiframe_file(path: Path) -> Path | None:
+    """The multi-frame image a case path stands for: the file itself, or the only file of a folder; else None.
+
+    Raises:
+        DataError: ``path`` is a file that is not DICOM, or a DICOM file that is not a multi-frame image (one
+            slice is a 2D image), or its header is unreadable or malformed.
+    """
+    path = Path(path)
+    if path.is_file():
+        if not pydicom.misc.is_dicom(path):
+            raise DataError(
+                path,
+                "unsupported image format: expected a NIfTI file (.nii/.nii.gz), a DICOM series folder or an "
+                "enhanced multi-frame DICOM file",
+            )
+        ds = read_header(path)
+        check_image_object(ds, path)
+        if number_of_frames(ds, path) < 2:
+            raise DataError(
+                path,
+                "a single-frame DICOM file is one 2D slice; give the folder that holds its whole series instead",
+            )
+        return path
+    files = _list_files(path)
+    if len(files) == 1:
+        ds = read_header(files[0])
+        check_image_object(ds, files[0])
+        if number_of_frames(ds, files[0]) > 1:
+            return files[0]
+    return None
+
+
+def check_dicom_input(path: Path) -> DicomSeriesInfo:
+    """Check any DICOM case image: a single-frame series folder, an enhanced multi-frame file or its folder.
+
+    Raises:
+        DataError: naming the file, field or frame and what is wrong (see ``check_dicom_series`` and
+            ``fedseg3d.data.dicom_multiframe.check_multiframe``).
+    """
+    single = multiframe_file(path)
+    if single is None:
+        return check_dicom_series(path)
+    ds = read_header(single)
+    geometries, slice_spacing = check_multiframe(single, ds)
+    return _info(geometries, slice_spacing, str(field_value(ds, single, "SeriesInstanceUID") or "<none>"))
+
+
+def source_datasets(path: Path) -> list[Dataset]:
+    """The source datasets of a DICOM case image, with pixels, in the order of the loaded volume's k axis.
+
+    For a series, one dataset per slice (``volume[..., k]`` comes from the k-th); for a multi-frame image, its one
+    dataset (``volume[..., k]`` is frame k + 1). What a DICOM Segmentation references as its source images.
+    An empty SOPClassUID or SOPInstanceUID is filled in from the file meta header, which holds the same value.
+
+    Raises:
+        DataError: the input fails ``check_dicom_input``, or a file cannot be read.
+    """
+    single = multiframe_file(path)
+    if single is not None:
+        check_multiframe(single)
+        files = [single]
+    else:
+        files = [h.path for h in _series_headers(Path(path))[0]]
+    datasets = []
+    for file in files:
+        try:
+            ds = pydicom.dcmread(file)
+        except Exception as exc:  # pydicom raises many types for corrupt input
+            raise DataError(file, f"not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
+        # Anonymisers blank these (the real Siemens series has both empty) while the file meta keeps the values.
+        for keyword, meta_keyword in (
+            ("SOPClassUID", "MediaStorageSOPClassUID"),
+            ("SOPInstanceUID", "MediaStorageSOPInstanceUID"),
+        ):
+            if not ds.get(keyword) and ds.file_meta.get(meta_keyword):
+                setattr(ds, keyword, ds.file_meta[meta_keyword].value)
+        datasets.append(ds)
+    return datasets
