@@ -26,6 +26,7 @@ def test_killed_worker_fails_one_call_and_restarts_with_the_site_state(tiny_site
     training = TrainingConfig(local_steps=30, batch_size=2, keep_batchnorm_local=True)
     factory = functools.partial(SiteTrainer, "site-1", datalist, classes, preprocessing, training, tmp_path)
     weights = {k: v.numpy().copy() for k, v in build_model("unet3d_tiny").state_dict().items()}
+    caplog.set_level("INFO")
     worker = WorkerTrainer(factory)
     try:
         first = worker.train_round(weights, 0)
@@ -38,8 +39,7 @@ def test_killed_worker_fails_one_call_and_restarts_with_the_site_state(tiny_site
             worker.train_round(weights, 1)
         assert time.monotonic() - started < first.train.seconds + 30, "the death is noticed, not waited out"
         assert worker.rounds_done == 1, "the killed round did not count"
-        with caplog.at_level("INFO"):
-            worker.evaluate_weights(weights)
+        worker.evaluate_weights(weights)
         assert worker.restarts == 1
         assert "restored 1 round(s) done" in caplog.text, "the restart says what it restored"
         assert all(np.array_equal(worker._state.local_state[k], v) for k, v in kept.items()), "batch norm kept"

@@ -165,20 +165,36 @@ class ResilientFedAvg(FedAvg):
     def _process_result(self, client_task, fl_ctx: FLContext) -> None:
         if self._clock is not None and client_task.task.name == self.task_name:
             self._clock.replied.add(client_task.client.name)
+            self._task_rounds.pop(client_task.id, None)  # answered in time: never "late"
         super()._process_result(client_task, fl_ctx)
 
+    def set_communicator(self, communicator) -> None:
+        """Also watch the sites' task checks: a site asks whether its task still stands before it sends the result,
+        and FLARE then drops a late one at the site with only "task ... is not found" on the server."""
+        super().set_communicator(communicator)
+        check = communicator.process_task_check
+
+        def process_task_check(task_id: str, fl_ctx: FLContext):
+            standing = check(task_id=task_id, fl_ctx=fl_ctx)
+            if standing is None:
+                self._note_if_late(task_id)
+            return standing
+
+        communicator.process_task_check = process_task_check
+
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
-        """Name a result that arrives after its round closed; FLARE drops it with a line naming neither."""
+        """Name a result submitted after its round closed (a site that did not check its task first)."""
         super().handle_event(event_type, fl_ctx)
-        if event_type != EventType.BEFORE_PROCESS_SUBMISSION:
-            return
-        sent = self._task_rounds.get(fl_ctx.get_prop(FLContextKey.TASK_ID))
-        if sent is None:
-            return
-        site, sent_round = sent
-        still_open = sent_round == self.current_round and not self._closed_early and self.get_num_standing_tasks()
-        if not still_open:
-            self._log_late(site, sent_round, fl_ctx.get_prop(FLContextKey.TASK_RESULT))
+        if event_type == EventType.BEFORE_PROCESS_SUBMISSION:
+            task_id = fl_ctx.get_prop(FLContextKey.TASK_ID)
+            sent = self._task_rounds.get(task_id)
+            if sent is not None and not (sent[1] == self.current_round and not self._closed_early):
+                self._note_if_late(task_id, fl_ctx.get_prop(FLContextKey.TASK_RESULT))
+
+    def _note_if_late(self, task_id: str, result: Shareable | None = None) -> None:
+        sent = self._task_rounds.pop(task_id, None)  # popped: one line per late result, whichever path saw it
+        if sent is not None:
+            self._log_late(*sent, result)
 
     def _log_late(self, site: str, sent_round: int, result: Shareable | None = None) -> None:
         reported = None

@@ -17,6 +17,7 @@ import logging
 import logging.handlers
 import multiprocessing as mp
 import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -97,6 +98,7 @@ class WorkerTrainer:
         self._listener = logging.handlers.QueueListener(self._log_queue, _Relay())
         self._listener.start()
         self.restarts = 0
+        self._restarting: threading.Thread | None = None
         self.site_name = "?"
         self.num_train_cases = 0
         self._start()
@@ -133,7 +135,7 @@ class WorkerTrainer:
                 self._died(what)
         try:
             status, value = self._conn.recv()
-        except EOFError:  # the pipe closed with the process: say how it ended
+        except (EOFError, OSError):  # the pipe closed or was reset with the process: say how it ended
             self._died(what)
         if status == "error":
             raise value
@@ -145,7 +147,26 @@ class WorkerTrainer:
         self._process = None
         raise WorkerDied(f"{self.site_name}: training worker died during {what} ({reason})")
 
-    def _call(self, method: str, *args, should_stop: Callable[[], bool] = lambda: False, **kwargs) -> Any:
+    def _restart_in_background(self) -> None:
+        """Start the next worker now, so the site's next task does not wait for its start-up."""
+        self.restarts += 1
+        logger.warning("%s: starting a fresh training worker (restart %d)", self.site_name, self.restarts)
+
+        def start() -> None:
+            try:
+                self._start()
+            except Exception as err:  # noqa: BLE001 - the next task tries again and reports it
+                logger.error("%s: training worker restart failed: %s", self.site_name, err)
+                self._process = None
+
+        self._restarting = threading.Thread(target=start, name="training-worker-restart", daemon=True)
+        self._restarting.start()
+
+    def _ready(self) -> None:
+        """A live worker: the restart in progress, or a new one if the last died between tasks."""
+        if self._restarting is not None:
+            self._restarting.join()
+            self._restarting = None
         if self._process is not None and not self._process.is_alive():
             self._process.join()
             logger.warning(
@@ -154,17 +175,22 @@ class WorkerTrainer:
             self._process = None
         if self._process is None:
             self.restarts += 1
-            logger.warning(
-                "%s: starting a fresh training worker (restart %d) for %s", self.site_name, self.restarts, method
-            )
+            logger.warning("%s: starting a fresh training worker (restart %d)", self.site_name, self.restarts)
             self._start()
+
+    def _call(self, method: str, *args, should_stop: Callable[[], bool] = lambda: False, **kwargs) -> Any:
+        self._ready()
         self._stop.clear()
         try:
             self._conn.send((method, args, kwargs))
-        except (BrokenPipeError, OSError) as err:
+            value, self._state = self._receive(should_stop, method)
+        except (BrokenPipeError, ConnectionError) as err:
             self._process = None
+            self._restart_in_background()
             raise WorkerDied(f"{self.site_name}: training worker gone before {method} ({err})") from err
-        value, self._state = self._receive(should_stop, method)
+        except WorkerDied:
+            self._restart_in_background()
+            raise
         return value
 
     def plan_round(self, *args, **kwargs):
@@ -194,6 +220,8 @@ class WorkerTrainer:
 
     def close(self) -> None:
         """Stop the worker (asked first, killed after a grace period) and the log relay."""
+        if self._restarting is not None:
+            self._restarting.join()
         if self._process is not None:
             with contextlib.suppress(BrokenPipeError, OSError):
                 self._conn.send(None)
