@@ -15,10 +15,10 @@ import argparse
 import contextlib
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -127,23 +127,25 @@ def stamp(line: str) -> datetime:
 
 
 def hang_close_seconds(sites_root: Path, work: Path, deadline: float) -> float:
-    """Freeze site-2 as round 0's training starts; seconds from the round's start to its close."""
-    job = build("unet3d_fedbn", work / "jobs", {"num_rounds": 1, "local_steps": 2, "round_deadline": deadline})
+    """Freeze site-2 as it starts training in round 1 (round 0 is the start-up); seconds from round 1's task being
+    sent to the round's close."""
+    job = build("unet3d_fedbn", work / "jobs", {"num_rounds": 2, "local_steps": 2, "round_deadline": deadline})
     run = FaultedRun(job, work / "ws", sites_root, SITES)
     try:
-        run.wait_for("site-2", r"round 1/1: training", timeout=600)
+        run.wait_for("site-2", r"round 2/2: training", timeout=600, poll=0.02)
         run.freeze("site-2")
-        started = run.wait_for("server", r"Round 0 started", timeout=10)
-        closed = run.wait_for("server", r"round 0 closed at its deadline", timeout=600)
+        sent = run.wait_for("server", r"Sending task train to", timeout=10, count=2)
+        closed = run.wait_for("server", r"round 1 closed at its deadline", timeout=600)
         run.thaw("site-2")
         run.wait(timeout=600)
-        return (stamp(closed) - stamp(started)).total_seconds()
+        return (stamp(closed) - stamp(sent)).total_seconds()
     finally:
         run.stop()
 
 
 def round_seconds(sites_root: Path, work: Path, training_worker: bool, rounds: int) -> list[float]:
-    """Server-side wall time of each round after the first (which includes start-up) of an undisturbed run."""
+    """Server-side wall time of each round but the first (start-up) and the last (cross-site evaluation follows):
+    from one round's task being sent to the next one's."""
     job = build(
         "unet3d_fedbn",
         work / "jobs",
@@ -155,38 +157,42 @@ def round_seconds(sites_root: Path, work: Path, training_worker: bool, rounds: i
         log = run.log("server").splitlines()
     finally:
         run.stop()
-    starts = [stamp(line) for line in log if re.search(r"Round \d+ started", line)]
-    ends = [stamp(line) for line in log if "Finished FedAvg" in line]
-    marks = starts + ends[-1:]
-    return [(b - a).total_seconds() for a, b in zip(marks[1:-1], marks[2:], strict=True)]
+    sent = [stamp(line) for line in log if "Sending task train to" in line]
+    return [(b - a).total_seconds() for a, b in zip(sent[1:-1], sent[2:], strict=True)]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--deadlines", type=float, nargs="+", default=[10.0, 20.0])
-    parser.add_argument("--rounds", type=int, default=4, help="rounds of the overhead runs (the first is not timed)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of the overhead runs (first and last not timed)")
+    parser.add_argument("--work", type=Path, default=REPO / "build" / "site_faults", help="workspaces (emptied first)")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        sites_root = Path(tmp) / "sites"
-        generate_sites(sites_root, n_sites=len(SITES), seed=1, fov_mm=32.0, cases_scale=0.2)  # the tests' tiny sites
-        print("time from a round's start to its close when a site freezes in it (site-2 of 2, min_sites_per_round 1)")
-        for deadline in args.deadlines:
-            work = [Path(tmp) / f"hang{deadline:g}_{n}" for n in range(args.repeats)]
-            closes = [hang_close_seconds(sites_root, folder, deadline) for folder in work]
-            print(
-                f"  round_deadline {deadline:g} s: closes after {statistics.mean(closes):.1f} s "
-                f"(runs: {', '.join(f'{c:.1f}' for c in closes)})"
-            )
-        print("round wall time (server, rounds 2 and later, 2 sites, unet3d_fedbn, local_steps 5)")
-        for worker in (False, True):
-            times = []
-            for i in range(args.repeats):
-                times += round_seconds(sites_root, Path(tmp) / f"rounds{worker}_{i}", worker, args.rounds)
-            print(
-                f"  training_worker {str(worker).lower()}: {statistics.mean(times):.2f} s per round "
-                f"(sd {statistics.stdev(times):.2f}, {len(times)} rounds)"
-            )
+    shutil.rmtree(args.work, ignore_errors=True)
+    work = args.work
+    sites_root = work / "sites"
+    generate_sites(sites_root, n_sites=len(SITES), seed=1, fov_mm=32.0, cases_scale=0.2)  # the tests' tiny sites
+    print("time from a round's start to its close when a site freezes in it (site-2 of 2, min_sites_per_round 1)")
+    for deadline in args.deadlines:
+        folders = [work / f"hang{deadline:g}_{n}" for n in range(args.repeats)]
+        closes = [hang_close_seconds(sites_root, folder, deadline) for folder in folders]
+        print(
+            f"  round_deadline {deadline:g} s: closes after {statistics.mean(closes):.1f} s "
+            f"(runs: {', '.join(f'{c:.1f}' for c in closes)})"
+        )
+    timed = f"rounds 2 to {args.rounds - 1} of {args.rounds}"
+    print(f"round wall time (server, {timed}, 2 sites, unet3d_fedbn, local_steps 5)")
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(args.repeats):  # interleaved, so a busier machine in one stretch burdens both alike
+        for worker in times:
+            times[worker] += round_seconds(sites_root, work / f"rounds{worker}_{i}", worker, args.rounds)
+    for worker, seconds in times.items():
+        print(
+            f"  training_worker {str(worker).lower()}: {statistics.mean(seconds):.2f} s per round "
+            f"(sd {statistics.stdev(seconds):.2f}, {len(seconds)} rounds)"
+        )
+    extra = statistics.mean(times[True]) - statistics.mean(times[False])
+    print(f"  overhead of the worker: {extra:+.2f} s per round ({extra / statistics.mean(times[False]):+.0%})")
 
 
 if __name__ == "__main__":

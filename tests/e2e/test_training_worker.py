@@ -4,7 +4,6 @@ import functools
 import os
 import signal
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ def test_killed_worker_fails_one_call_and_restarts_with_the_site_state(tiny_site
     classes = parse_class_names(["background", "organ", "lesion"])
     datalist = load_datalist(tiny_sites / "site-1" / "datalist.json", tiny_sites / "site-1", classes)
     preprocessing = PreprocessConfig.from_dict({"roi_size": [16, 16, 16]}).for_classes(classes)
-    training = TrainingConfig(local_steps=30, batch_size=2, keep_batchnorm_local=True)
+    training = TrainingConfig(local_steps=1, batch_size=2, keep_batchnorm_local=True)
     factory = functools.partial(SiteTrainer, "site-1", datalist, classes, preprocessing, training, tmp_path)
     weights = {k: v.numpy().copy() for k, v in build_model("unet3d_tiny").state_dict().items()}
     caplog.set_level("INFO")
@@ -32,12 +31,11 @@ def test_killed_worker_fails_one_call_and_restarts_with_the_site_state(tiny_site
         first = worker.train_round(weights, 0)
         kept = dict(worker._state.local_state)
         assert worker.rounds_done == 1 and kept, "FedBN keeps batch norm at the site"
-        # Mid-round, as an out-of-memory kill would (a round of 30 steps is still running 1 s in).
-        threading.Timer(1.0, os.kill, (worker.pid(), signal.SIGKILL)).start()
-        started = time.monotonic()
-        with pytest.raises(WorkerDied, match="killed by SIGKILL"):
+        # Killed while it serves a call, as an out-of-memory kill would: frozen first so the call cannot finish.
+        os.kill(worker.pid(), signal.SIGSTOP)
+        threading.Timer(0.5, os.kill, (worker.pid(), signal.SIGKILL)).start()
+        with pytest.raises(WorkerDied, match="died during train_round .*killed by SIGKILL"):
             worker.train_round(weights, 1)
-        assert time.monotonic() - started < first.train.seconds + 30, "the death is noticed, not waited out"
         assert worker.rounds_done == 1, "the killed round did not count"
         worker.evaluate_weights(weights)
         assert worker.restarts == 1
