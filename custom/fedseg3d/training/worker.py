@@ -182,12 +182,11 @@ class WorkerTrainer:
         self._ready()
         self._stop.clear()
         try:
-            self._conn.send((method, args, kwargs))
+            try:
+                self._conn.send((method, args, kwargs))
+            except (BrokenPipeError, ConnectionError):  # it died while the task was being handed over
+                self._died(method)
             value, self._state = self._receive(should_stop, method)
-        except (BrokenPipeError, ConnectionError) as err:
-            self._process = None
-            self._restart_in_background()
-            raise WorkerDied(f"{self.site_name}: training worker gone before {method} ({err})") from err
         except WorkerDied:
             self._restart_in_background()
             raise
