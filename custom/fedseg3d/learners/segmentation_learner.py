@@ -8,6 +8,7 @@ it; and the whole round trip can be unit-tested with real FLARE Shareables and a
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from fedseg3d.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedgerError
 from fedseg3d.privacy.spend import PrivacySpend
 from fedseg3d.training.dpsgd import DPSGDConfig
 from fedseg3d.training.site_trainer import SiteTrainer, TrainingConfig
+from fedseg3d.training.worker import WorkerDied, WorkerTrainer
 
 # FLARE's cross-site evaluation names the server's models "SRV_" + file name; this one is the job's final global model.
 FINAL_GLOBAL_MODEL = f"SRV_{DefaultCheckpointFileName.GLOBAL_MODEL}"
@@ -52,6 +54,9 @@ class SegmentationLearner(Learner):
             ledger (``fedseg3d.privacy.spend``) before the update is returned; a refused round sends nothing.
         require_budget: with DP-SGD, refuse to train when the site has no privacy budget file. When false, such a
             site still trains with DP-SGD and reports the epsilon of this job only.
+        training_worker: train and evaluate in a supervised subprocess (``fedseg3d.training.worker``): when it is
+            killed (an out-of-memory kill) only the running task fails and the next task starts a fresh one with the
+            site's state restored, instead of FLARE failing the whole job with the site's job process.
 
     Raises:
         JobConfigError, ValueError: the job's settings are malformed or do not fit together (e.g. a per-class list
@@ -66,6 +71,7 @@ class SegmentationLearner(Learner):
         tb_writer_id: str = "tb_writer",
         dp_sgd: dict[str, Any] | None = None,
         require_budget: bool = True,
+        training_worker: bool = False,
     ) -> None:
         super().__init__()
         # Parse now: a bad job config fails at job start with the field named, not in the middle of round 3, and is
@@ -79,6 +85,9 @@ class SegmentationLearner(Learner):
         if not isinstance(require_budget, bool):
             raise ValueError(f"require_budget must be true or false, got {require_budget!r}")
         self.require_budget = require_budget
+        if not isinstance(training_worker, bool):
+            raise ValueError(f"training_worker must be true or false, got {training_worker!r}")
+        self.training_worker = training_worker
         self.trainer: SiteTrainer | None = None
         self.spend: PrivacySpend | None = None  # DP-SGD only: the site ledger this site's rounds are charged to
         self.setup_error: str | None = None
@@ -112,10 +121,11 @@ class SegmentationLearner(Learner):
         if self.dp_sgd is not None:
             self.spend = PrivacySpend(PATIENT, self.site_name, site_config_dir, require_budget=self.require_budget)
 
-    def _make_trainer(self, workspace: Any, fl_ctx: FLContext) -> SiteTrainer:
+    def _make_trainer(self, workspace: Any, fl_ctx: FLContext) -> SiteTrainer | WorkerTrainer:
         site_dir = workspace.get_site_config_dir()
         site_config = SiteConfig.from_file(find_site_config(self.site_name, site_dir), site_name=self.site_name)
-        return SiteTrainer.from_site_config(
+        factory = functools.partial(
+            SiteTrainer.from_site_config,
             site_config,
             self.class_names,
             self.preprocessing,
@@ -125,6 +135,7 @@ class SegmentationLearner(Learner):
             # FedProx: FLARE's own proximal term (mu/2 * sum of squared parameter differences to the round's start).
             proximal_loss=PTFedProxLoss(mu=self.training.fedprox_mu) if self.training.fedprox_mu > 0 else None,
         )
+        return WorkerTrainer(factory) if self.training_worker else factory()
 
     def _not_ready(self, fl_ctx: FLContext) -> Shareable | None:
         if self.trainer is not None:
@@ -145,11 +156,28 @@ class SegmentationLearner(Learner):
             fl_ctx, f"round {current_round + 1}/{total_rounds}: training on {self.trainer.num_train_cases} cases"
         )
 
+        try:
+            return self._train(weights, current_round, total_rounds, fl_ctx, abort_signal)
+        except WorkerDied as err:
+            return self._worker_died(err, f"round {current_round + 1}", fl_ctx)
+
+    def _worker_died(self, err: WorkerDied, what: str, fl_ctx: FLContext) -> Shareable:
+        self.log_error(
+            fl_ctx,
+            f"{err}; {what} fails at {self.site_name}; the next task starts a fresh worker with this site's state",
+        )
+        return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+
+    def _train(
+        self, weights: dict, current_round: int, total_rounds: Any, fl_ctx: FLContext, abort_signal: Signal
+    ) -> Shareable:
         try:  # refuse before any training: a round the settings or the budget cannot afford wastes no work
             accounting = self.spend.accounting() if self.spend is not None else ()
             planned = self.trainer.plan_round(current_round, total_rounds, *accounting)
             if planned is not None:
                 self.spend.check(planned)
+        except WorkerDied:
+            raise
         except REFUSALS as err:
             self.log_error(fl_ctx, f"site {self.site_name} refuses round {current_round + 1}: {err}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
@@ -203,7 +231,12 @@ class SegmentationLearner(Learner):
         weights = self._received_weights(data, fl_ctx)
         if weights is None:
             return make_reply(ReturnCode.BAD_TASK_DATA)
+        try:
+            return self._validate(data, weights, fl_ctx, abort_signal)
+        except WorkerDied as err:
+            return self._worker_died(err, "validation", fl_ctx)
 
+    def _validate(self, data: Shareable, weights: dict, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         def stop() -> bool:
             return abort_signal.triggered
 
@@ -236,14 +269,24 @@ class SegmentationLearner(Learner):
         """
         if (reply := self._not_ready(fl_ctx)) is not None:
             return reply
-        return DXO(data_kind=DataKind.WEIGHTS, data=self.trainer.shared_weights()).to_shareable()
+        try:
+            weights = self.trainer.shared_weights()
+        except WorkerDied as err:
+            return self._worker_died(err, "sending the site model", fl_ctx)
+        return DXO(data_kind=DataKind.WEIGHTS, data=weights).to_shareable()
 
     def abort(self, fl_ctx: FLContext) -> None:
         self.log_info(fl_ctx, "abort requested; the running task stops at the next step")
 
     def finalize(self, fl_ctx: FLContext) -> None:
-        if self.trainer is not None:
+        if self.trainer is None:
+            return
+        try:
             self.log_info(fl_ctx, f"finished: {self.trainer.summary()}")
+        except WorkerDied as err:
+            self.log_error(fl_ctx, str(err))
+        if isinstance(self.trainer, WorkerTrainer):
+            self.trainer.close()
 
     def _received_weights(self, data: Shareable, fl_ctx: FLContext) -> dict | None:
         try:
