@@ -28,6 +28,7 @@ from fedseg3d.data.transforms import PreprocessConfig
 from fedseg3d.privacy.accounting import PATIENT, Mechanism
 from fedseg3d.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedgerError
 from fedseg3d.privacy.spend import PrivacySpend
+from fedseg3d.server.run_state import check_run_name, run_state_dir
 from fedseg3d.training.dpsgd import DPSGDConfig
 from fedseg3d.training.site_trainer import SiteTrainer, TrainingConfig
 
@@ -52,6 +53,9 @@ class SegmentationLearner(Learner):
             ledger (``fedseg3d.privacy.spend``) before the update is returned; a refused round sends nothing.
         require_budget: with DP-SGD, refuse to train when the site has no privacy budget file. When false, such a
             site still trains with DP-SGD and reports the epsilon of this job only.
+        run_name: the run this job belongs to (the job's ``run_name`` knob; empty: this job's id). The site keeps
+            its state for the run in ``<site workspace>/fedseg3d_state/<run>/`` and a continuation job of the same
+            run starts from it (``fedseg3d.training.site_state``).
 
     Raises:
         JobConfigError, ValueError: the job's settings are malformed or do not fit together (e.g. a per-class list
@@ -66,6 +70,7 @@ class SegmentationLearner(Learner):
         tb_writer_id: str = "tb_writer",
         dp_sgd: dict[str, Any] | None = None,
         require_budget: bool = True,
+        run_name: str = "",
     ) -> None:
         super().__init__()
         # Parse now: a bad job config fails at job start with the field named, not in the middle of round 3, and is
@@ -79,6 +84,7 @@ class SegmentationLearner(Learner):
         if not isinstance(require_budget, bool):
             raise ValueError(f"require_budget must be true or false, got {require_budget!r}")
         self.require_budget = require_budget
+        self.run_name = check_run_name(run_name) if run_name else ""
         self.trainer: SiteTrainer | None = None
         self.spend: PrivacySpend | None = None  # DP-SGD only: the site ledger this site's rounds are charged to
         self.setup_error: str | None = None
@@ -121,6 +127,7 @@ class SegmentationLearner(Learner):
             self.preprocessing,
             self.training,
             default_output_dir=Path(workspace.get_app_dir(fl_ctx.get_job_id())) / "site_models",
+            state_dir=run_state_dir(workspace.get_root_dir(), self.run_name or fl_ctx.get_job_id()),
             dp_sgd=self.dp_sgd,
             # FedProx: FLARE's own proximal term (mu/2 * sum of squared parameter differences to the round's start).
             proximal_loss=PTFedProxLoss(mu=self.training.fedprox_mu) if self.training.fedprox_mu > 0 else None,
