@@ -5,8 +5,8 @@ run of ``--rounds`` rounds, then the same run killed after ``--kill-after`` roun
 process and its job process, by PID; FLARE's watchdog starts the server again, as an admin or systemd would) and
 continued with ``fedseg3d resume``. Printed per seed and as a mean with a t interval over seeds:
 
-- rounds lost: rounds the killed job had started (a site's update reached the server) that the continuation runs
-  again, that is, past the last saved round;
+- rounds lost: rounds the killed job had started (FedAvg sent the task; sites may have trained it) past the last
+  saved round, which the continuation runs again;
 - wall time to resume: from the kill until the first round of the continuation is saved, split into the server's
   restart (until it answers the admin API with every site connected), the resume command, and that first round;
 - final Dice: mean over the sites of the final global model's validation Dice (cross-site evaluation), resumed run
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -40,6 +41,7 @@ from fedseg3d.tools.report import find_cross_site_results, site_rows
 REPO = Path(__file__).resolve().parents[1]
 SITES = ["site-1", "site-2"]
 JOB = "unet3d_fedbn"
+STARTED = re.compile(r"Round (\d+) started\.")  # FedAvg's banner at the start of each round
 
 
 def wait_for_round(state_dir: Path, round_: int, timeout: float) -> float:
@@ -47,7 +49,8 @@ def wait_for_round(state_dir: Path, round_: int, timeout: float) -> float:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         path = state_dir / run_state.STATE_FILE
-        if path.is_file() and (json.loads(path.read_text())["last_round"] or -1) >= round_:
+        saved = json.loads(path.read_text())["last_round"] if path.is_file() else None
+        if saved is not None and saved >= round_:
             return time.perf_counter()
         time.sleep(0.2)
     raise TimeoutError(f"round {round_ + 1} not saved in {state_dir} within {timeout:.0f} s")
@@ -59,9 +62,10 @@ def final_dice(result_dir: Path) -> float:
     return sum(float(row["global_final"]) for row in rows) / len(rows)
 
 
-def started_rounds(state_dir: Path, job_id: str) -> set[int]:
-    path = state_dir / run_state.RECORDS_DIR / job_id / "contributions.jsonl"
-    return {json.loads(line)["round"] for line in path.read_text().splitlines()} if path.is_file() else set()
+def last_started_round(layout, job_id: str) -> int:
+    """The last round FedAvg started in a job (0-based), from the job's server log (kept when the server dies)."""
+    log_file = layout.prod_dir / layout.server_name / job_id / "log.txt"
+    return max(int(m) for m in STARTED.findall(log_file.read_text(errors="replace")))
 
 
 def one_seed(layout, seed: int, args: argparse.Namespace, out: Path) -> dict:
@@ -96,7 +100,7 @@ def one_seed(layout, seed: int, args: argparse.Namespace, out: Path) -> dict:
     resumed_id = done.stdout.strip().splitlines()[-1].split()[-1]
     first_round_done = wait_for_round(state_dir, saved + 1, args.timeout)
     status, result = follow_job(layout, resumed_id, args.timeout, out / "results")
-    lost = max(started_rounds(state_dir, first_id), default=saved) - saved
+    lost = last_started_round(layout, first_id) - saved
     results.update(
         resumed_status=status,
         resumed_dice=final_dice(result) if result else None,
