@@ -120,10 +120,12 @@ class RoundStateKeeper(Widget):
             )
             return
         self.state = run_state.new_state(run, total_rounds=0, first_round=0)
-        app_config = Path(workspace.get_app_dir(self._job_id)) / "config"
+        app_dir = Path(workspace.get_app_dir(self._job_id))
         job_copy = self.state_dir / run_state.JOB_DIR
-        for path in sorted(app_config.glob(f"*{CONFIG_SUFFIX}")):
+        for path in sorted((app_dir / "config").glob(f"*{CONFIG_SUFFIX}")):
             run_state.atomic_copy(path, job_copy / "app" / "config" / path.name)
+        if (app_dir / "custom").is_dir():  # a job that carries its code: the continuation carries the same
+            run_state.copy_tree_atomically(app_dir / "custom", job_copy / "app" / "custom")
         # The server writes the job's meta next to its app; the context has it too.
         meta_file = Path(workspace.get_run_dir(self._job_id)) / "meta.json"
         job_meta = json.loads(meta_file.read_text()) if meta_file.is_file() else fl_ctx.get_prop(FLContextKey.JOB_META)
