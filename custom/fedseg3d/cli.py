@@ -38,6 +38,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "run": Command("fedseg3d.poc.runner", "run a job on a POC federation on this machine (live Dice progress)"),
         "stop": Command("fedseg3d.poc.control", "stop a running or interrupted POC: processes, port"),
     },
+    "resume": Command("fedseg3d.server.resume", "continue a run after a server restart, from its last completed round"),
     "report": Command("fedseg3d.tools.report", "print per-site Dice of a finished job (simulator or POC result)"),
     "privacy-report": Command("fedseg3d.tools.privacy_report", "print what sites spent of their privacy budgets"),
     "audit": Command("fedseg3d.tools.privacy_audit", "membership-inference privacy audit of a finished job"),

@@ -23,6 +23,7 @@ KEY_OPTIONS = {
     ("poc", "run"): ["--job", "--sites", "--set", "--workspace", "--keep-running"],
     ("poc", "stop"): ["--workspace"],
     ("report",): ["result_dir"],
+    ("resume",): ["--run", "--dry-run", "--startup-kit", "--server-workspace", "--poc-workspace"],
     ("privacy-report",): ["budget_files"],
     ("audit",): ["--run-dir", "--sites-root", "--json"],
     ("pretrain",): ["--data", "--job", "--out"],

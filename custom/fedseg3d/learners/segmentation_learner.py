@@ -29,6 +29,7 @@ from fedseg3d.data.transforms import PreprocessConfig
 from fedseg3d.privacy.accounting import PATIENT, Mechanism
 from fedseg3d.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedgerError
 from fedseg3d.privacy.spend import PrivacySpend
+from fedseg3d.server.run_state import check_run_name, run_state_dir
 from fedseg3d.training.dpsgd import DPSGDConfig
 from fedseg3d.training.site_trainer import SiteTrainer, TrainingConfig
 from fedseg3d.training.worker import WorkerDied, WorkerTrainer
@@ -57,6 +58,9 @@ class SegmentationLearner(Learner):
         training_worker: train and evaluate in a supervised subprocess (``fedseg3d.training.worker``): when it is
             killed (an out-of-memory kill) only the running task fails and the next task starts a fresh one with the
             site's state restored, instead of FLARE failing the whole job with the site's job process.
+        run_name: the run this job belongs to (the job's ``run_name`` knob; empty: this job's id). The site keeps
+            its state for the run in ``<site workspace>/fedseg3d_state/<run>/`` and a continuation job of the same
+            run starts from it (``fedseg3d.training.site_state``).
 
     Raises:
         JobConfigError, ValueError: the job's settings are malformed or do not fit together (e.g. a per-class list
@@ -72,6 +76,7 @@ class SegmentationLearner(Learner):
         dp_sgd: dict[str, Any] | None = None,
         require_budget: bool = True,
         training_worker: bool = False,
+        run_name: str = "",
     ) -> None:
         super().__init__()
         # Parse now: a bad job config fails at job start with the field named, not in the middle of round 3, and is
@@ -88,6 +93,7 @@ class SegmentationLearner(Learner):
         if not isinstance(training_worker, bool):
             raise ValueError(f"training_worker must be true or false, got {training_worker!r}")
         self.training_worker = training_worker
+        self.run_name = check_run_name(run_name) if run_name else ""
         self.trainer: SiteTrainer | None = None
         self.spend: PrivacySpend | None = None  # DP-SGD only: the site ledger this site's rounds are charged to
         self.setup_error: str | None = None
@@ -131,6 +137,7 @@ class SegmentationLearner(Learner):
             self.preprocessing,
             self.training,
             default_output_dir=Path(workspace.get_app_dir(fl_ctx.get_job_id())) / "site_models",
+            state_dir=run_state_dir(workspace.get_root_dir(), self.run_name or fl_ctx.get_job_id()),
             dp_sgd=self.dp_sgd,
             # FedProx: FLARE's own proximal term (mu/2 * sum of squared parameter differences to the round's start).
             proximal_loss=PTFedProxLoss(mu=self.training.fedprox_mu) if self.training.fedprox_mu > 0 else None,

@@ -190,16 +190,25 @@ def print_progress(lines: list[str]) -> None:
         log("  ".join(parts))
 
 
-def submit_and_wait(
-    layout: PocLayout, job_dir: Path, timeout: float, download_to: Path
-) -> tuple[str, str, Path | None]:
-    """Submit through the admin API, follow progress, download results. Returns (job id, final status, result dir)."""
+def submit_job(layout: PocLayout, job_dir: Path) -> str:
+    """Submit ``job_dir`` through the admin API as the POC admin; returns the job id."""
     from nvflare.fuel.flare_api.flare_api import new_secure_session
 
     session = new_secure_session(ADMIN_USER, str(layout.admin_kit()), timeout=30)
     try:
         job_id = session.submit_job(str(job_dir))
-        log(f"submitted {job_dir.name} as job {job_id}")
+    finally:
+        session.close()
+    log(f"submitted {job_dir.name} as job {job_id}")
+    return job_id
+
+
+def follow_job(layout: PocLayout, job_id: str, timeout: float, download_to: Path) -> tuple[str, Path | None]:
+    """Print a job's progress until it ends, then download its results. Returns (final status, result dir)."""
+    from nvflare.fuel.flare_api.flare_api import new_secure_session
+
+    session = new_secure_session(ADMIN_USER, str(layout.admin_kit()), timeout=30)
+    try:
         progress_path, seen, status = contributions_file(layout, job_id), 0, "SUBMITTED"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -214,14 +223,23 @@ def submit_and_wait(
         else:
             log(f"job {job_id} still {status} after {timeout:.0f} s: aborting it")
             session.abort_job(job_id)
-            return job_id, f"TIMEOUT ({status})", None
+            return f"TIMEOUT ({status})", None
         log(f"job {job_id} ended with status {status}")
         download_to.mkdir(parents=True, exist_ok=True)
         result_dir = Path(session.download_job_result(job_id, str(download_to)))
         log(f"results downloaded to {result_dir}")
-        return job_id, status, result_dir
+        return status, result_dir
     finally:
         session.close()
+
+
+def submit_and_wait(
+    layout: PocLayout, job_dir: Path, timeout: float, download_to: Path
+) -> tuple[str, str, Path | None]:
+    """Submit through the admin API, follow progress, download results. Returns (job id, final status, result dir)."""
+    job_id = submit_job(layout, job_dir)
+    status, result_dir = follow_job(layout, job_id, timeout, download_to)
+    return job_id, status, result_dir
 
 
 def console_instructions(layout: PocLayout, job_dir: Path) -> str:

@@ -56,6 +56,32 @@ class SiteModelStore:
         """The Dice of the model saved as ``name`` (``-inf`` when none is)."""
         return self.entries.get(name, {}).get("val_mean_dice", -math.inf)
 
+    def continue_from(self, previous_dir: Path) -> list[str]:
+        """Start from the models an earlier job of the same run kept in ``previous_dir`` (a continuation after a
+        server restart): the best models stay the best of the whole run. Returns the files taken over.
+
+        Raises:
+            ValueError: ``models.json`` there is not this store's index, naming the file.
+        """
+        previous_dir = Path(previous_dir)
+        index_path = previous_dir / INDEX
+        if not index_path.is_file():
+            return []
+        try:
+            models = json.loads(index_path.read_text())["models"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{index_path}: not a site model index (field 'models'): {err}") from err
+        taken = [name for name in (LAST_LOCAL, BEST_LOCAL, BEST_GLOBAL) if name in models]
+        if not taken:
+            return []
+        for name in taken:
+            if previous_dir.resolve() != self.output_dir.resolve():
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(previous_dir / name, self.output_dir / name)
+            self.entries[name] = dict(models[name])
+        self._write_index()
+        return taken
+
     def offer_local(self, model: torch.nn.Module, dice: float, current_round: int) -> None:
         """The site's own model after round ``current_round``: saved as the last, and as the best when it is."""
         self._save(LAST_LOCAL, model, dice, current_round)

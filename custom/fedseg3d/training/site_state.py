@@ -1,71 +1,82 @@
-"""What a site must carry over when its training process is replaced: the state a fresh ``SiteTrainer`` lacks.
+"""What a site carries from one job of a run to the next (a continuation after a server restart).
 
-A fresh trainer rebuilds everything derived from the job and the site's data (model shape, prepared cases,
-calibration patches). What it cannot rebuild is what earlier rounds produced: FedBN's local batch norm (the trained
-affine weights and running statistics), how many rounds it trained, whether it adopted the server's initial batch
-norm, which of its saved models are the best (so a worse model never replaces a better one on disk), and the
-DP-SGD noise calibration (so a restart never re-calibrates mid-job). The shared weights are not here: every round
-starts from the server's global model.
+FLARE creates the learner afresh for every job, so without this a continuation job would start each site from the
+server's model alone. For FedBN that is silently wrong: the server's model holds the batch-norm layers of the
+*initial* network (sites never send theirs), so the site's learned batch-norm scale and shift would be reset to the
+initial ones. And the site's best models would be chosen again from the continuation's rounds only.
+
+So after every round the site saves, in ``<site workspace>/fedseg3d_state/<run>/site_state.pt`` (written
+atomically): its local state (the keys that never leave it: FedBN's batch norm, weights and running statistics),
+the round, and where its models of that job are (``site_models/``). A continuation job of the same run loads the
+local state instead of adopting the server's, and starts its model store from the previous job's best models, so
+``best_model.pt`` stays the best of the whole run. Batch-norm running statistics are recomputed anyway before any
+evaluation (``norm_calibration``); the learned scale and shift are what needs carrying.
+
+What is not carried, and why: the uplink quantiser's error-feedback residual (a filter's memory; it restarts from
+zero, dropping one round's quantisation error) and the downlink decoder's copy of the global model (the server's
+first message of a job carries full weights). The privacy ledger needs nothing: it is already the site's, across
+jobs (``local/``), and a continuation's rounds are charged to it like any others.
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
+import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from fedseg3d.models.local_state import load_local_state
-from fedseg3d.training.site_trainer import SiteTrainer
+from fedseg3d.models.local_state import LocalStateSplit, load_local_state
+from fedseg3d.server.run_state import atomic_write
 
+logger = logging.getLogger(__name__)
 
-@dataclass
-class SiteState:
-    """A picklable snapshot of a ``SiteTrainer``'s carried-over state (see the module)."""
-
-    local_state: dict[str, np.ndarray] = field(default_factory=dict)
-    rounds_done: int = 0
-    local_state_adopted: bool = False
-    model_entries: dict[str, dict] = field(default_factory=dict)
-    deployed: tuple[str, int] | None = None
-    dp_calibration: Any = None
-
-    def describe(self) -> str:
-        """One line for the site log: what a restored trainer got back."""
-        return (
-            f"{self.rounds_done} round(s) done, {len(self.local_state)} local key(s) (FedBN batch norm), "
-            f"{len(self.model_entries)} saved model(s) on record"
-            + (", DP-SGD calibration kept" if self.dp_calibration is not None else "")
-        )
+SITE_STATE = "site_state.pt"
 
 
-def snapshot(trainer: SiteTrainer) -> SiteState:
-    """The trainer's carried-over state, copied (the trainer goes on changing its own)."""
-    model_state = trainer.model.state_dict()
-    return SiteState(
-        local_state={key: model_state[key].detach().cpu().numpy().copy() for key in trainer.split.local},
-        rounds_done=trainer.rounds_done,
-        local_state_adopted=trainer.local_state_adopted,
-        model_entries=copy.deepcopy(trainer.models.entries),
-        deployed=trainer.models._deployed,
-        dp_calibration=trainer.dp_plan.calibration if trainer.dp_plan is not None else None,
-    )
+def save_site_state(
+    state_dir: Path, model: torch.nn.Module, split: LocalStateSplit, round_: int, models_dir: Path
+) -> Path:
+    """Save ``model``'s local keys, the round and the models folder to ``state_dir/site_state.pt``, atomically."""
+    state = model.state_dict()
+    data = {
+        "round": int(round_),
+        "local": {key: state[key].detach().cpu().clone() for key in split.local},
+        "models_dir": str(Path(models_dir).resolve()),
+    }
+    return atomic_write(Path(state_dir) / SITE_STATE, lambda tmp: torch.save(data, tmp))
 
 
-def restore(trainer: SiteTrainer, state: SiteState) -> None:
-    """Put ``state`` back into a freshly built ``trainer`` of the same job and site.
+def load_site_state(state_dir: Path) -> dict[str, Any] | None:
+    """What :func:`save_site_state` wrote, or None when this site has no state for the run.
 
     Raises:
-        ValueError: the local keys do not fit the trainer's model (a different job or preset).
+        ValueError: the file exists but is not a site state, naming the file.
     """
-    missing = set(trainer.split.local) - set(state.local_state)
-    if state.local_state and missing:
-        raise ValueError(f"{trainer.site_name}: saved site state lacks local key(s) {sorted(missing)[:3]}")
-    load_local_state(trainer.model, trainer.split, state.local_state)
-    trainer.rounds_done = state.rounds_done
-    trainer.local_state_adopted = state.local_state_adopted or trainer.local_state_adopted
-    trainer.models.entries = copy.deepcopy(state.model_entries)
-    trainer.models._deployed = state.deployed
-    if trainer.dp_plan is not None and state.dp_calibration is not None:
-        trainer.dp_plan.calibration = state.dp_calibration
+    path = Path(state_dir) / SITE_STATE
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several kinds for a file that is not a checkpoint
+        raise ValueError(f"{path}: not a readable site state ({err})") from err
+    if not isinstance(data, dict) or not isinstance(data.get("local"), dict) or "round" not in data:
+        raise ValueError(f"{path}: expected fields 'round', 'local' and 'models_dir'")
+    return data
+
+
+def restore_local_state(model: torch.nn.Module, split: LocalStateSplit, saved: dict[str, Any], source: Path) -> int:
+    """Load the saved local keys into ``model``; returns how many.
+
+    Raises:
+        ValueError: the saved keys are not exactly the model's local keys (another network or FedBN setting),
+            naming the file: carrying on would mix two models' batch norm.
+    """
+    local = saved["local"]
+    if set(local) != set(split.local):
+        raise ValueError(
+            f"{source}: the saved local state has {len(local)} keys, this job's model has {len(split.local)} local "
+            "keys (different preset or keep_batchnorm_local): start a new run instead of continuing this one"
+        )
+    return len(load_local_state(model, split, {k: np.asarray(v) for k, v in local.items()}))

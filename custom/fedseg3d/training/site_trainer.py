@@ -34,6 +34,7 @@ from fedseg3d.training.dpsgd_plan import DPSGDPlan
 from fedseg3d.training.loops import EvalResult, TrainStats, evaluate, make_loss, train_local
 from fedseg3d.training.norm_calibration import batchnorm_layers, patch_batches, recalibrate_batchnorm
 from fedseg3d.training.site_models import BEST_GLOBAL, BEST_LOCAL, SiteModelStore
+from fedseg3d.training.site_state import SITE_STATE, load_site_state, restore_local_state, save_site_state
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +159,8 @@ class SiteTrainer:
         proximal_loss: FedProx's term, a module called as ``proximal_loss(model, global_model)`` (FLARE's
             ``PTFedProxLoss`` has this signature); required when ``training.fedprox_mu > 0``.
         relabel: maps the site's own label IDs to the job's class indices (``LabelMap.for_classes``), a site fact.
+        state_dir: the site's state for this run (``fedseg3d.training.site_state``): loaded when an earlier job of
+            the run left one (a continuation after a server restart), saved after every round. None: neither.
 
     Raises:
         ValueError: ``fedprox_mu > 0`` without a ``proximal_loss``, or together with ``dp_sgd``.
@@ -177,6 +180,7 @@ class SiteTrainer:
         dp_sgd: DPSGDConfig | None = None,
         proximal_loss: torch.nn.Module | None = None,
         relabel: Callable[[Path, torch.Tensor], torch.Tensor] | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         if training.fedprox_mu > 0 and proximal_loss is None:
             raise ValueError(f"training.fedprox_mu is {training.fedprox_mu} but no proximal_loss was given")
@@ -219,6 +223,10 @@ class SiteTrainer:
             training.recalibrate_norm and training.keep_batchnorm_local and batchnorm_layers(self.model)
         )
         self._calibration: list[torch.Tensor] | None = None
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self.continued_from: int | None = None  # the round of the earlier job this one continues
+        if self.state_dir is not None:
+            self._continue_run()
         logger.info(
             "%s: %s (%d parameters) on %s, %d training / %d validation cases (%d skipped), %d shared and %d local keys",
             site_name,
@@ -232,6 +240,27 @@ class SiteTrainer:
             len(self.split.local),
         )
 
+    def _continue_run(self) -> None:
+        """Take over the local state and best models an earlier job of this run left (see ``site_state``)."""
+        saved = load_site_state(self.state_dir)
+        if saved is None:
+            return
+        count = restore_local_state(self.model, self.split, saved, self.state_dir / SITE_STATE)
+        self.local_state_adopted = True  # the site's own, not the server's initial batch norm
+        previous = Path(saved.get("models_dir") or "")
+        taken = self.models.continue_from(previous) if previous.is_dir() else []
+        if not taken:
+            logger.warning("%s: earlier job's models not found in %s: best models restart", self.site_name, previous)
+        self.continued_from = int(saved["round"])
+        logger.info(
+            "%s: continuing the run after round %d: local state (%d keys) and models %s from %s",
+            self.site_name,
+            self.continued_from + 1,
+            count,
+            taken,
+            self.state_dir,
+        )
+
     @classmethod
     def from_site_config(
         cls,
@@ -242,6 +271,7 @@ class SiteTrainer:
         default_output_dir: Path,
         dp_sgd: DPSGDConfig | None = None,
         proximal_loss: torch.nn.Module | None = None,
+        state_dir: Path | None = None,
     ) -> SiteTrainer:
         """The trainer a site's own settings describe: its datalist, device, CPU threads and output folder
         (``default_output_dir`` when the site names none).
@@ -266,6 +296,7 @@ class SiteTrainer:
             dp_sgd=dp_sgd,
             proximal_loss=proximal_loss,
             relabel=site.label_map.for_classes(class_names) if site.label_map else None,
+            state_dir=state_dir,
         )
 
     @property
@@ -367,6 +398,8 @@ class SiteTrainer:
         local_eval = self._evaluate(self.model, should_stop)
         eval_seconds = time.perf_counter() - eval_started
         self.models.offer_local(self.model, local_eval.mean_dice, current_round)
+        if self.state_dir is not None:
+            save_site_state(self.state_dir, self.model, self.split, current_round, self.output_dir)
         end = shared_state_numpy(self.model, self.split)
         update = {key: end[key] - start[key] for key in self.split.shared}
         bad = [key for key, value in update.items() if not np.isfinite(value).all()]

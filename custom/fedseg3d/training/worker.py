@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fedseg3d.training.site_state import SiteState, restore, snapshot
+from fedseg3d.training.worker_state import SiteState, restore, snapshot
 from fedseg3d.training.site_trainer import SiteTrainer
 
 logger = logging.getLogger(__name__)
