@@ -67,7 +67,7 @@ def merge_results(runs: dict[str, dict], command: str) -> dict:
     loads = [r["meta"]["load_1min"] for r in runs.values()]
     meta = {
         **first["meta"],
-        "command": command + " (merging: " + "; ".join(f"`{r['meta']['command']}`" for r in runs.values()) + ")",
+        "command": command + " (merging: " + "; ".join(r["meta"]["command"] for r in runs.values()) + ")",
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "wall_seconds": max(r["meta"]["wall_seconds"] for r in runs.values()),
         "phases": [p for r in runs.values() for p in r["meta"]["phases"]],

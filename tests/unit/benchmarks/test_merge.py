@@ -33,7 +33,7 @@ def test_split_runs_merge_into_the_whole():
     assert merged["config"]["seeds"] == [0, 1, 2] and merged["config"]["seed"] == 0
     assert merged["stats"] == aggregate(_per_seed(), SITES, METHODS)
     assert merged["meta"]["wall_seconds"] == 120.0, "runs side by side: the longest one's wall time"
-    assert merged["meta"]["command"].startswith("merge (merging: `run ['1', '2']`; `run ['0']`")
+    assert merged["meta"]["command"].startswith("merge (merging: run ['1', '2']; run ['0'])")
     assert merged["goals"] == goal_checks(merged["stats"], SITES, odd_site=None)
     assert merged["power"]["available"] and merged["power"]["seeds"] == 3
 
