@@ -25,7 +25,7 @@ from fedseg3d.data.site_config import SITES_ROOT_ENV
 from fedseg3d.privacy.site_budget import PRIVACY_DIR_ENV, write_site_budget
 from fedseg3d.tools.build_jobs import build_jobs
 from fedseg3d.tools.privacy_audit import find_epsilons
-from fedseg3d.tools.simulate import run_process_group, simulator_command
+from fedseg3d.tools.simulate import job_outcome_code, run_process_group, simulator_command
 
 RECORDER = "fedseg3d.filters.message_size.MessageSizeRecorder"
 BYTES_FILES = {"site_to_server": "bench_bytes_up.jsonl", "server_to_site": "bench_bytes_down.jsonl"}
@@ -162,6 +162,7 @@ def run_simulated(
     # The simulator's console output goes to a log file: the benchmark prints its own progress and tables.
     with log_path.open("w") as log_file:
         code = run_process_group(command, env, timeout, stdout=log_file)  # kills every worker on timeout/SIGTERM
+    code = code or job_outcome_code(job_dir, workspace)  # the simulator exits 0 for a run that every site left
     if code != 0:
         raise RuntimeError(f"simulator run of {job} exited with {code}; see {log_path}")
     server_run = workspace / "server" / "simulate_job"

@@ -7,6 +7,7 @@ Usage:
     python -m benchmarks.run --mode full --data real --real-root data/real   # docs/benchmark/real; first run
         fedseg3d data real --out data/real
     (overrides: --sites N --rounds R --local-epochs E --local-steps S --val-cases V --methods fedbn,pooled --no-poc)
+    python -m benchmarks.run --merge DIR1 DIR2 --out DIR   # one report from runs split by seed
 
 Every method runs once per seed with the same seeds; the report gives each method's Dice per site and per class with
 a 95% interval over seeds, FedBN's paired difference from each other method, wall times, the goals of issue 25 and
@@ -308,9 +309,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-poc", action="store_true", help="skip the POC cost run (no port needed)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per federated run")
     parser.add_argument("--render-only", type=Path, metavar="DIR", help="re-render DIR/results.json; train nothing")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", metavar="DIR",
+        help="one report in --out from runs of the same settings on different seeds (DIR/results.json each); "
+        "train nothing",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.render_only:
         render(args.render_only)
+        return 0
+    if args.merge:
+        if args.out is None:
+            parser.error("--merge needs --out (the merged report's folder)")
+        from benchmarks.merge import merge
+
+        merge(args.merge, args.out, "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]))
+        render(args.out)
         return 0
     if args.data == "real" and args.val_cases is not None:
         parser.error("--val-cases applies to synthetic sites only; the real sites' split is fixed by their build")

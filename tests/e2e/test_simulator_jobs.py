@@ -11,8 +11,9 @@ import torch
 
 from fedseg3d.models.local_state import batchnorm_state_keys
 from fedseg3d.models.presets import build_model
+from fedseg3d.server.run_outcome import read_outcome
 from fedseg3d.tools.build_jobs import build_jobs
-from fedseg3d.tools.simulate import run_simulation
+from fedseg3d.tools.simulate import NOT_COMPLETED, main, run_simulation
 
 REPO = Path(__file__).resolve().parents[2]
 SITES = ["site-1", "site-2"]
@@ -47,6 +48,10 @@ def test_job_completes_and_keeps_batchnorm_where_it_belongs(job, tiny_sites, tmp
     server_run = workspace / "server" / "simulate_job"
     assert (server_run / "app_server" / "FL_global_model.pt").is_file()
     assert (server_run / "app_server" / "best_FL_global_model.pt").is_file()
+    assert read_outcome(server_run) == {
+        "completed": True,
+        "workflows": [{"id": "fedavg", "aborted": False}, {"id": "cross_site_eval", "aborted": False}],
+    }
     assert list((server_run / "tb_events").rglob("events.out.tfevents*")), "metrics reached the server's TensorBoard"
 
     received = contributions(workspace)
@@ -89,3 +94,17 @@ def test_site_with_broken_data_does_not_take_the_federation_down(tiny_sites, tmp
     site_log = (workspace / "site-2" / "log.txt").read_text()
     assert f"{broken}: unreadable or truncated file" in site_log
     assert (workspace / "server" / "simulate_job" / "app_server" / "FL_global_model.pt").is_file()
+
+
+def test_simulate_fails_when_a_site_config_error_stops_the_job_at_start(tiny_sites, tmp_path, capsys):
+    # FLARE's simulator exits 0 here: every site stops at its config error and the simulator aborts the server.
+    overrides = {**OVERRIDES, "num_rounds": 1, "local_steps": 1, "learning_rate": -1}
+    (job_dir,) = build_jobs(REPO / "jobs", tmp_path / "jobs", ["unet3d_fedbn"], overrides, min_clients=2)
+    workspace = tmp_path / "ws"
+    argv = [str(job_dir), "--sites-root", str(tiny_sites), "--sites", ",".join(SITES), "--workspace", str(workspace)]
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == NOT_COMPLETED
+    assert "did not finish: the run was aborted during workflow ['fedavg']" in capsys.readouterr().err
+    assert "learning_rate must be > 0, got -1" in (workspace / "site-1" / "log.txt").read_text()
+    assert not (workspace / "server" / "simulate_job" / "fedseg3d" / "contributions.jsonl").exists(), "no round ran"

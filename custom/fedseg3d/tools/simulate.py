@@ -7,6 +7,11 @@ Example:
     fedseg3d simulate build/jobs/unet3d_fedbn --sites-root data/synthetic --sites site-1,site-2 \
         --workspace workspace/sim
 
+Exit status: 0 when the job finished; FLARE's simulator's own code when it failed (2: a fatal server error); 3 when
+the simulator exited 0 but the run was cut short, which it does when every site stops (a site's config error at
+start, such as a bad ``--set`` value the learner refuses): the server's ``fedseg3d/run_outcome.json`` tells, and
+the message names the workflow that was aborted and where the logs are. ``make sim`` then stops before its report.
+
 The sites find their data through ``FEDSEG3D_SITES_ROOT`` (``<root>/<site>/site.json``), since simulated sites have
 no ``local/`` folder of their own.
 
@@ -32,6 +37,14 @@ import psutil
 
 from fedseg3d.data.site_config import SITES_ROOT_ENV
 from fedseg3d.privacy.site_budget import PRIVACY_DIR_ENV, write_site_budget
+from fedseg3d.server.run_outcome import read_outcome
+
+# Exit status when the simulator exited 0 but the job's run did not finish (FLARE's own codes are 0, 1 and 2).
+NOT_COMPLETED = 3
+
+
+SIMULATOR_RUN = "simulate_job"  # the run folder FLARE's simulator gives every job
+RUN_OUTCOME_COMPONENT = "fedseg3d.server.run_outcome.RunOutcome"
 
 
 def simulator_command(job_dir: Path, workspace: Path, sites: list[str], threads: int) -> list[str]:
@@ -50,15 +63,43 @@ def run_simulation(
     timeout: float | None = None,
     privacy_dir: Path | None = None,
 ) -> int:
-    """Run the simulator to completion and return its exit code (0 when the job finished).
+    """Run the simulator to completion and return 0 only when the job finished.
 
-    ``privacy_dir`` (optional) is exported as ``FEDSEG3D_PRIVACY_DIR``: where the sites' budgets and ledgers live.
+    The simulator's own exit code is 0 even when the run was cut short because every site stopped (a site's config
+    error at start, say); the server's run outcome (``fedseg3d.server.run_outcome``) tells, and such a run returns
+    ``NOT_COMPLETED``. ``privacy_dir`` (optional) is exported as ``FEDSEG3D_PRIVACY_DIR``: where the sites' budgets
+    and ledgers live.
     """
     env = dict(os.environ, **{SITES_ROOT_ENV: str(Path(sites_root).resolve())})
     if privacy_dir is not None:
         env[PRIVACY_DIR_ENV] = str(Path(privacy_dir).resolve())
     command = simulator_command(job_dir.resolve(), workspace.resolve(), sites, threads or len(sites))
-    return run_process_group(command, env, timeout)
+    code = run_process_group(command, env, timeout)
+    return code or job_outcome_code(job_dir, workspace)
+
+
+def job_outcome_code(job_dir: Path, workspace: Path) -> int:
+    """0 when the server says the run finished, ``NOT_COMPLETED`` (with the reason on stderr) when it says it did
+    not or, for a job that records its outcome, wrote nothing; 0 for a job that does not record it (nothing to go
+    by beyond the simulator's exit code)."""
+    outcome = read_outcome(Path(workspace) / "server" / SIMULATOR_RUN)
+    if outcome is None and not _records_outcome(job_dir):
+        return 0
+    if outcome is not None and outcome.get("completed"):
+        return 0
+    where = f"{workspace}/server/log.txt and {workspace}/<site>/log.txt"
+    if outcome is None:
+        why = "the server never reached the end of its run"
+    else:
+        cut = [w["id"] for w in outcome.get("workflows", []) if w.get("aborted")]
+        why = f"the run was aborted during workflow {cut or outcome.get('workflows')}"
+    print(f"fedseg3d simulate: job {Path(job_dir).name} did not finish: {why} (see {where})", file=sys.stderr)
+    return NOT_COMPLETED
+
+
+def _records_outcome(job_dir: Path) -> bool:
+    config = Path(job_dir) / "app" / "config" / "config_fed_server.json"
+    return config.is_file() and RUN_OUTCOME_COMPONENT in config.read_text()
 
 
 def run_process_group(command: list[str], env: dict[str, str], timeout: float | None, stdout: IO | None = None) -> int:
