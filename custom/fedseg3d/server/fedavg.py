@@ -104,6 +104,8 @@ class ResilientFedAvg(FedAvg):
         if task_name != self.task_name or callback is None:
             return super().send_model(task_name, data, targets, min_responses, timeout, callback)
         sampled = list(targets or [client.name for client in self.engine.get_clients()])
+        if data is not None:  # FLARE says num_rounds; a continuation job (start_round > 0) is part of a longer run
+            data.total_rounds = self.start_round + self.num_rounds
         clock = RoundClock(
             sampled, self.min_sites, self.round_deadline, self.round_time_limit, self.overdue_warning_every
         )

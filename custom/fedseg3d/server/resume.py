@@ -69,16 +69,14 @@ class Continuation:
 def resume_blockers(job_dir: Path) -> list[str]:
     """Settings a continuation job would get wrong, with why (empty: it can be resumed).
 
-    FedAvg tells the sites the number of rounds *this job* runs, not the run's: a schedule over the run's rounds
-    would restart. Refused rather than silently changed.
+    ``ResilientFedAvg`` sends the sites the run's round count (``start_round + num_rounds``) and the run's round
+    numbers, so a learning-rate schedule carries on where it was. A DP-SGD ``target_epsilon`` is still refused: its
+    noise is calibrated once per job, and a continuation would calibrate again against a ledger already charged.
     """
     args = learner_args(job_dir)
     problems = []
-    schedule = (args.get("training") or {}).get("lr_schedule", "constant")
-    if schedule != "constant":
-        problems.append(f"lr_schedule is '{schedule}': its schedule would restart at the continuation job")
     if (args.get("dp_sgd") or {}).get("target_epsilon"):
-        problems.append("dp_sgd.target_epsilon calibrates over the job's rounds, which a continuation job shortens")
+        problems.append("dp_sgd.target_epsilon calibrates its noise once per job; a continuation would calibrate again")
     return problems
 
 

@@ -72,10 +72,17 @@ def test_a_finished_run_has_nothing_to_resume(tmp_path, built_job):
     assert plan.num_rounds == 0 and not plan.job_dir.exists()
 
 
-def test_a_job_whose_schedule_spans_the_run_is_refused_not_silently_restarted(tmp_path):
+def test_a_job_whose_schedule_spans_the_run_continues_it(tmp_path):
     (job,) = build_jobs(REPO / "jobs", tmp_path / "b", ["unet3d_fedbn"], {"lr_schedule": "cosine"}, 2, False)
     write_state(tmp_path / "s", job, last_round=1, total=5)
-    with pytest.raises(ValueError, match="lr_schedule is 'cosine'"):
+    continuation = resume.build_continuation(tmp_path / "s", tmp_path / "out")
+    assert (continuation.start_round, continuation.num_rounds) == (2, 3)
+
+
+def test_a_dp_sgd_job_with_a_target_epsilon_is_refused_not_silently_recalibrated(tmp_path):
+    (job,) = build_jobs(REPO / "jobs", tmp_path / "b", ["unet3d_dpsgd"], {"target_epsilon": 8.0}, 2, False)
+    write_state(tmp_path / "s", job, last_round=1, total=5)
+    with pytest.raises(ValueError, match="target_epsilon"):
         resume.build_continuation(tmp_path / "s", tmp_path / "out")
 
 
