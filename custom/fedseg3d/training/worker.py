@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fedseg3d.training.worker_state import SiteState, restore, snapshot
 from fedseg3d.training.site_trainer import SiteTrainer
+from fedseg3d.training.worker_state import SiteState, restore, snapshot
 
 logger = logging.getLogger(__name__)
 
