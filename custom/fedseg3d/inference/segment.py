@@ -63,10 +63,10 @@ def segment_volume(
         )
     labels = torch.argmax(logits, dim=1).to(torch.uint8).cpu()  # temperature never changes the argmax
     del logits
-    on_model_grid = MetaTensor(labels.float(), affine=prepared.affine)
+    on_model_grid = MetaTensor(labels.float(), affine=prepared.affine.clone())
     resampled = ResampleToMatch(mode="nearest", padding_mode="zeros")(on_model_grid, img_dst=image)
     check_same_grid(source, resampled, image)
-    return MetaTensor(resampled[0].round().to(torch.uint8), affine=image.affine)
+    return MetaTensor(resampled.as_tensor()[0].round().to(torch.uint8), affine=image.affine.clone())
 
 
 def check_same_grid(source: Path, result: MetaTensor, image: MetaTensor) -> None:
