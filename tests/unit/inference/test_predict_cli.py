@@ -99,7 +99,7 @@ def test_bad_input_is_named_and_writes_nothing(site_models, tmp_path, capsys, ma
     assert not out.exists()
 
 
-def test_a_model_whose_classes_differ_from_the_request_is_refused_naming_both(site_models, nifti_scan, tmp_path, capsys):
+def test_a_model_whose_classes_differ_from_the_request_is_refused(site_models, nifti_scan, tmp_path, capsys):
     out = tmp_path / "out"
     assert predict("--model", site_models, "--input", nifti_scan, "--out", out, "--classes", "spleen,liver") == 2
     error = capsys.readouterr().err
