@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedseg3d.data.errors import DataError
 from fedseg3d.inference.deployable import DeployableModel
 from fedseg3d.inference.loading import load_deployable
 from fedseg3d.inference.run_study import SUMMARY_FILE, PredictSettings, check_output_free, segment_study
@@ -80,9 +79,10 @@ def predict_studies(
         prefix = f"[{number}/{len(studies)}] {study.study_id}"
         try:
             summary = segment_study(study, model, out_dir, settings, model_info)
-        except (DataError, FileExistsError, OSError) as err:
-            print(f"{prefix}: FAILED, nothing written: {err}", file=sys.stderr, flush=True)
-            failed.append({"study": study.study_id, "input": str(study.path), "error": str(err)})
+        except (ValueError, OSError, RuntimeError) as err:  # DataError, the writers' refusals, torch's out of memory
+            message = str(err) if str(study.path) in str(err) else f"{study.path}: {err}"
+            print(f"{prefix}: FAILED, nothing written: {message}", file=sys.stderr, flush=True)
+            failed.append({"study": study.study_id, "input": str(study.path), "error": message})
             continue
         volumes = ", ".join(f"{name} {ml:.1f} mL" for name, ml in summary["volumes_ml"].items())
         print(f"{prefix}: {summary['seconds']:.1f} s on {settings.device}: {volumes}", flush=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import highdicom as hd
 import nibabel as nib
 import numpy as np
 import pytest
@@ -122,6 +123,17 @@ def test_existing_outputs_are_kept_unless_overwrite(site_models, nifti_scan, tmp
     assert predict("--model", site_models, "--input", nifti_scan, "--out", out) == 2
     assert "output exists; use another --out or --overwrite" in capsys.readouterr().err
     assert predict("--model", site_models, "--input", nifti_scan, "--out", out, "--overwrite") == 0
+
+
+def test_a_failure_while_writing_leaves_no_partial_output(site_models, dicom_scan, tmp_path, monkeypatch, capsys):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hd.seg.Segmentation, "save_as", disk_full)  # after labels.nii.gz is written
+    out = tmp_path / "out"
+    assert predict("--model", site_models, "--input", dicom_scan, "--out", out) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert list(out.iterdir()) == []  # neither the study's folder nor its hidden partial one
 
 
 def test_studies_are_found_as_files_series_folders_and_folders_of_both(tmp_path):
