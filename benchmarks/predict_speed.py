@@ -14,7 +14,7 @@ Volumes: every image of ``--real`` (``fedseg3d data real --out data/real``), and
 
 Usage:
     nice -n 10 python benchmarks/predict_speed.py [--real data/real] [--presets unet3d_tiny,unet3d_base]
-        [--device cpu] [--work workspace/bench_predict] [--json out.json]
+        [--volumes site-2/val,CT] [--device cpu] [--work workspace/bench_predict] [--json out.json]
 
 Prints a Markdown table (and writes ``--json`` when given). Needs ``psutil``.
 """
@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", type=Path, default=REPO / "workspace" / "bench_predict")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--skip-ct", action="store_true", help="only the real-data scans")
+    parser.add_argument("--volumes", default="", help="comma-separated parts of volume names to keep (default: all)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
@@ -167,7 +167,7 @@ def main() -> None:
     rows = []
     for preset in args.presets.split(","):
         for name, image, site in volumes(args.real, args.work):
-            if args.skip_ct and not site:
+            if args.volumes and not any(part in name for part in args.volumes.split(",")):
                 continue
             model = write_model(args.work / "models" / preset / (site or "ct") / "site_models", preset, args.real, site)
             result = measure(model, image, args.work / "out" / preset, args.device)
