@@ -32,6 +32,7 @@ KEY_OPTIONS = {
     ("renew",): ["--name"],
     ("cert-info",): ["kit"],
     ("deploy-local",): ["--sites", "--data", "--job", "--port", "--keep-running"],
+    ("predict",): ["--model", "--site", "--input", "--out", "--device", "--classes", "--overlap", "--seg-type"],
 }
 
 

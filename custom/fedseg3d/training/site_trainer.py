@@ -33,7 +33,7 @@ from fedseg3d.training.dpsgd import DPSGDConfig, check_model_supports_dpsgd, tra
 from fedseg3d.training.dpsgd_plan import DPSGDPlan
 from fedseg3d.training.loops import EvalResult, TrainStats, evaluate, make_loss, train_local
 from fedseg3d.training.norm_calibration import batchnorm_layers, patch_batches, recalibrate_batchnorm
-from fedseg3d.training.site_models import BEST_GLOBAL, BEST_LOCAL, SiteModelStore
+from fedseg3d.training.site_models import BEST_GLOBAL, BEST_LOCAL, SiteModelStore, model_recipe
 from fedseg3d.training.site_state import SITE_STATE, load_site_state, restore_local_state, save_site_state
 
 logger = logging.getLogger(__name__)
@@ -161,6 +161,7 @@ class SiteTrainer:
         relabel: maps the site's own label IDs to the job's class indices (``LabelMap.for_classes``), a site fact.
         state_dir: the site's state for this run (``fedseg3d.training.site_state``): loaded when an earlier job of
             the run left one (a continuation after a server restart), saved after every round. None: neither.
+        job_id: the FLARE job id, recorded with the site's models so a deployed model names the job it came from.
 
     Raises:
         ValueError: ``fedprox_mu > 0`` without a ``proximal_loss``, or together with ``dp_sgd``.
@@ -181,6 +182,7 @@ class SiteTrainer:
         proximal_loss: torch.nn.Module | None = None,
         relabel: Callable[[Path, torch.Tensor], torch.Tensor] | None = None,
         state_dir: Path | None = None,
+        job_id: str = "",
     ) -> None:
         if training.fedprox_mu > 0 and proximal_loss is None:
             raise ValueError(f"training.fedprox_mu is {training.fedprox_mu} but no proximal_loss was given")
@@ -215,7 +217,8 @@ class SiteTrainer:
                 site_name,
                 training.model_preset,
             )
-        self.models = SiteModelStore(site_name, self.output_dir)
+        recipe = model_recipe(training.model_preset, self.class_names, preprocessing, job_id, site_name)
+        self.models = SiteModelStore(site_name, self.output_dir, recipe)
         self.rounds_done = 0
         self.local_state_adopted = not self.split.local
         # FedBN's statistics are the site's own: recompute them for whatever weights are evaluated (see the module).
@@ -272,6 +275,7 @@ class SiteTrainer:
         dp_sgd: DPSGDConfig | None = None,
         proximal_loss: torch.nn.Module | None = None,
         state_dir: Path | None = None,
+        job_id: str = "",
     ) -> SiteTrainer:
         """The trainer a site's own settings describe: its datalist, device, CPU threads and output folder
         (``default_output_dir`` when the site names none).
@@ -297,6 +301,7 @@ class SiteTrainer:
             proximal_loss=proximal_loss,
             relabel=site.label_map.for_classes(class_names) if site.label_map else None,
             state_dir=state_dir,
+            job_id=job_id,
         )
 
     @property
