@@ -124,6 +124,7 @@ class SegmentationLearner(Learner):
             dp_sgd=self.dp_sgd,
             # FedProx: FLARE's own proximal term (mu/2 * sum of squared parameter differences to the round's start).
             proximal_loss=PTFedProxLoss(mu=self.training.fedprox_mu) if self.training.fedprox_mu > 0 else None,
+            job_id=str(fl_ctx.get_job_id()),
         )
 
     def _not_ready(self, fl_ctx: FLContext) -> Shareable | None:

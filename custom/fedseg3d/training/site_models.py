@@ -9,20 +9,26 @@ norm recalibrated for those weights), so what scored the Dice is exactly what is
 - ``best_local_model.pt``: the site's own model of the round that scored best here;
 - ``best_global_model.pt``: the global model of the round that scored best here, with this site's batch norm;
 - ``best_model.pt``: whichever of the two best scored higher here: the one to deploy;
-- ``models.json``: for each file, the round, the Dice and what it is.
+- ``models.json``: for each file, the round, the Dice and what it is; and under ``"model"`` the recipe that turns a
+  file back into a working model (preset, class names, the preprocessing this site trained with, job id, site), so
+  ``fedseg3d.inference.loading`` can apply it to a scan without the job's config.
 
 Files are bare ``state_dict`` checkpoints (``fedseg3d.models.checkpoint.load_checkpoint_state`` reads them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from fedseg3d.data.transforms import PreprocessConfig
 
 logger = logging.getLogger(__name__)
 
@@ -38,17 +44,41 @@ _WHAT = {
 }
 
 
+RECIPE_KEY = "model"
+RECIPE_FIELDS = ("model_preset", "class_names", "preprocessing", "job_id", "site")
+
+
+def model_recipe(
+    model_preset: str, class_names: dict[int, str], preprocessing: PreprocessConfig, job_id: str, site: str
+) -> dict[str, Any]:
+    """The ``"model"`` section of ``models.json``: what a saved state dict needs to segment a scan as in training.
+
+    ``preprocessing`` is the site's resolved config (its own intensity fact applied), every field written out, so
+    prediction never falls back to a default that training did not use.
+    """
+    fields = dataclasses.asdict(preprocessing)
+    return {
+        "model_preset": model_preset,
+        "class_names": [class_names[i] for i in sorted(class_names)],
+        "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()},
+        "job_id": job_id,
+        "site": site,
+    }
+
+
 class SiteModelStore:
     """Keeps a site's last and best models in ``output_dir`` and says which one to deploy.
 
     Args:
         site_name: for logs.
         output_dir: the site's model folder (created on the first save).
+        recipe: the ``"model"`` section of ``models.json`` (``model_recipe``); ``None`` writes none.
     """
 
-    def __init__(self, site_name: str, output_dir: Path) -> None:
+    def __init__(self, site_name: str, output_dir: Path, recipe: dict[str, Any] | None = None) -> None:
         self.site_name = site_name
         self.output_dir = Path(output_dir)
+        self.recipe = recipe
         self.entries: dict[str, dict] = {}
         self._deployed: tuple[str, int] | None = None  # which best file best_model.pt copies, and its round
 
@@ -89,5 +119,8 @@ class SiteModelStore:
                 shutil.copyfile(self.output_dir / best, self.output_dir / BEST)
                 self._deployed = (best, self.entries[best]["round"])
             index[BEST] = {**self.entries[best], "what": f"the model to deploy at this site: a copy of {best}"}
-        text = json.dumps({"site": self.site_name, "models": index}, indent=2)
+        content: dict[str, Any] = {"site": self.site_name, "models": index}
+        if self.recipe is not None:
+            content[RECIPE_KEY] = self.recipe
+        text = json.dumps(content, indent=2)
         (self.output_dir / INDEX).write_text(text + "\n")

@@ -33,7 +33,7 @@ from fedseg3d.training.dpsgd import DPSGDConfig, check_model_supports_dpsgd, tra
 from fedseg3d.training.dpsgd_plan import DPSGDPlan
 from fedseg3d.training.loops import EvalResult, TrainStats, evaluate, make_loss, train_local
 from fedseg3d.training.norm_calibration import batchnorm_layers, patch_batches, recalibrate_batchnorm
-from fedseg3d.training.site_models import BEST_GLOBAL, BEST_LOCAL, SiteModelStore
+from fedseg3d.training.site_models import BEST_GLOBAL, BEST_LOCAL, SiteModelStore, model_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +158,7 @@ class SiteTrainer:
         proximal_loss: FedProx's term, a module called as ``proximal_loss(model, global_model)`` (FLARE's
             ``PTFedProxLoss`` has this signature); required when ``training.fedprox_mu > 0``.
         relabel: maps the site's own label IDs to the job's class indices (``LabelMap.for_classes``), a site fact.
+        job_id: the FLARE job id, recorded with the site's models so a deployed model names the job it came from.
 
     Raises:
         ValueError: ``fedprox_mu > 0`` without a ``proximal_loss``, or together with ``dp_sgd``.
@@ -177,6 +178,7 @@ class SiteTrainer:
         dp_sgd: DPSGDConfig | None = None,
         proximal_loss: torch.nn.Module | None = None,
         relabel: Callable[[Path, torch.Tensor], torch.Tensor] | None = None,
+        job_id: str = "",
     ) -> None:
         if training.fedprox_mu > 0 and proximal_loss is None:
             raise ValueError(f"training.fedprox_mu is {training.fedprox_mu} but no proximal_loss was given")
@@ -211,7 +213,8 @@ class SiteTrainer:
                 site_name,
                 training.model_preset,
             )
-        self.models = SiteModelStore(site_name, self.output_dir)
+        recipe = model_recipe(training.model_preset, self.class_names, preprocessing, job_id, site_name)
+        self.models = SiteModelStore(site_name, self.output_dir, recipe)
         self.rounds_done = 0
         self.local_state_adopted = not self.split.local
         # FedBN's statistics are the site's own: recompute them for whatever weights are evaluated (see the module).
@@ -242,6 +245,7 @@ class SiteTrainer:
         default_output_dir: Path,
         dp_sgd: DPSGDConfig | None = None,
         proximal_loss: torch.nn.Module | None = None,
+        job_id: str = "",
     ) -> SiteTrainer:
         """The trainer a site's own settings describe: its datalist, device, CPU threads and output folder
         (``default_output_dir`` when the site names none).
@@ -266,6 +270,7 @@ class SiteTrainer:
             dp_sgd=dp_sgd,
             proximal_loss=proximal_loss,
             relabel=site.label_map.for_classes(class_names) if site.label_map else None,
+            job_id=job_id,
         )
 
     @property
