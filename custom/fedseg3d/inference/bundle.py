@@ -29,6 +29,7 @@ from fedseg3d.data.task import parse_class_names
 from fedseg3d.data.transforms import PreprocessConfig
 from fedseg3d.inference.bundle_config import FEDSEG3D_KEY, inference_config, metadata
 from fedseg3d.inference.deployable import DeployableModel
+from fedseg3d.inference.loading import ModelLoadError
 from fedseg3d.models.presets import build_model
 
 logger = logging.getLogger(__name__)
@@ -38,14 +39,6 @@ INFERENCE = Path("configs") / "inference.json"
 WEIGHTS = Path("models") / "model.pt"
 TORCHSCRIPT = Path("models") / "model.ts"
 README = Path("docs") / "README.md"
-
-
-class BundleError(ValueError):
-    """A bundle that cannot be used: the message names the file and what is wrong with it."""
-
-    def __init__(self, path: Path | str, problem: str) -> None:
-        super().__init__(f"{path}: {problem}")
-        self.path = Path(path)
 
 
 def export_bundle(model: DeployableModel, out_dir: Path) -> Path:
@@ -80,17 +73,17 @@ def load_bundle(path: Path) -> DeployableModel:
     """The ``DeployableModel`` a bundle written by ``export_bundle`` holds.
 
     Raises:
-        BundleError: the folder, ``configs/metadata.json`` or ``models/model.pt`` is missing or unreadable, the
+        ModelLoadError: the folder, ``configs/metadata.json`` or ``models/model.pt`` is missing or unreadable, the
             metadata lacks a field or has a wrong one, or the weights do not fit the network it describes.
     """
     path = Path(path)
     if not path.is_dir():
-        raise BundleError(path, "not a bundle folder (expected configs/metadata.json and models/model.pt inside)")
+        raise ModelLoadError(path, "not a bundle folder (expected configs/metadata.json and models/model.pt inside)")
     meta_file = path / METADATA
     meta = _read_json(meta_file)
     facts = meta.get(FEDSEG3D_KEY)
     if not isinstance(facts, dict):
-        raise BundleError(meta_file, f"field '{FEDSEG3D_KEY}' is missing: not a bundle exported by fedseg3d export")
+        raise ModelLoadError(meta_file, f"field '{FEDSEG3D_KEY}' is missing: not a bundle exported by fedseg3d export")
     try:
         preset = str(facts["model_preset"])
         class_names = parse_class_names(facts["class_names"])
@@ -99,20 +92,20 @@ def load_bundle(path: Path) -> DeployableModel:
         provenance = dict(facts.get("provenance") or {})
         network = build_model(preset, out_channels=len(class_names))
     except KeyError as err:
-        raise BundleError(meta_file, f"field '{FEDSEG3D_KEY}.{err.args[0]}' is missing") from err
+        raise ModelLoadError(meta_file, f"field '{FEDSEG3D_KEY}.{err.args[0]}' is missing") from err
     except (TypeError, ValueError) as err:
-        raise BundleError(meta_file, f"field '{FEDSEG3D_KEY}' is not valid: {err}") from err
+        raise ModelLoadError(meta_file, f"field '{FEDSEG3D_KEY}' is not valid: {err}") from err
     if not temperature > 0:
-        raise BundleError(meta_file, f"field '{FEDSEG3D_KEY}.temperature' must be > 0, got {temperature}")
+        raise ModelLoadError(meta_file, f"field '{FEDSEG3D_KEY}.temperature' must be > 0, got {temperature}")
     weights = path / WEIGHTS
     if not weights.is_file():
-        raise BundleError(weights, "missing: the bundle has no weights")
+        raise ModelLoadError(weights, "missing: the bundle has no weights")
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         network.load_state_dict(state)
     except Exception as err:  # torch raises several kinds for a truncated file or mismatched keys
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BundleError(weights, f"not the weights of a {preset} with {len(class_names)} classes ({first})") from err
+        raise ModelLoadError(weights, f"not the weights of a {preset} with {len(class_names)} classes ({first})") from err
     network.eval()
     return DeployableModel(
         network=network,
@@ -130,13 +123,13 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise BundleError(path, "missing: not a complete MONAI bundle")
+        raise ModelLoadError(path, "missing: not a complete MONAI bundle")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BundleError(path, f"not valid JSON ({err})") from err
+        raise ModelLoadError(path, f"not valid JSON ({err})") from err
     if not isinstance(data, dict):
-        raise BundleError(path, "must be a JSON object")
+        raise ModelLoadError(path, "must be a JSON object")
     return data
 
 
