@@ -105,7 +105,8 @@ def load_bundle(path: Path) -> DeployableModel:
         network.load_state_dict(state)
     except Exception as err:  # torch raises several kinds for a truncated file or mismatched keys
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(weights, f"not the weights of a {preset} with {len(class_names)} classes ({first})") from err
+        expected = f"{preset} with {len(class_names)} classes"
+        raise ModelLoadError(weights, f"not the weights of a {expected} ({first})") from err
     network.eval()
     return DeployableModel(
         network=network,

@@ -33,8 +33,8 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.metrics import CalibrationErrorMetric
 
-from fedseg3d.data.dataset import CasePreparer, make_train_loader, prepare_cases
 from fedseg3d.data.datalist import load_datalist
+from fedseg3d.data.dataset import CasePreparer, make_train_loader, prepare_cases
 from fedseg3d.data.site_config import SiteConfig
 from fedseg3d.inference.deployable import DeployableModel
 from fedseg3d.inference.temperature import fit_temperature, voxel_sample
@@ -80,15 +80,17 @@ class CalibrationReport:
         return "\n".join(
             [
                 f"site {self.site}: {self.validation_cases} validation case(s)",
-                f"  before: Dice {self.before.mean_dice:.4f}  ECE {self.before.ece:.4f}  (T={self.temperature_before:g})",
-                f"  after:  Dice {self.after.mean_dice:.4f}  ECE {self.after.ece:.4f}  (T={self.temperature:.3g})",
+                f"  before: Dice {self.before.mean_dice:.4f}  ECE {self.before.ece:.4f}  T={self.temperature_before:g}",
+                f"  after:  Dice {self.after.mean_dice:.4f}  ECE {self.after.ece:.4f}  T={self.temperature:.3g}",
                 f"  {self.decision}",
             ]
         )
 
 
 @torch.no_grad()
-def validation_logits(network: torch.nn.Module, items: list[dict], roi_size, device: torch.device) -> list[torch.Tensor]:
+def validation_logits(
+    network: torch.nn.Module, items: list[dict], roi_size: tuple[int, int, int], device: torch.device
+) -> list[torch.Tensor]:
     """Sliding-window logits ``(C, *spatial)`` of each validation case, on the CPU (as ``training.loops.evaluate``)."""
     network.eval()
     return [
@@ -128,18 +130,20 @@ def cross_fitted_error(
     """``(ECE measured out of fold, temperature fitted on all voxels)``: each half of every validation volume is
     scored with the temperature fitted on the other halves."""
     labels = [item["label"][0] for item in items]
-    temperatures = []
-    for fold in (0, 1):
-        sample = [voxel_sample(_halves(x)[fold], _halves(y)[fold], seed=seed) for x, y in zip(logits, labels)]
-        temperatures.append(fit_temperature(torch.cat([s[0] for s in sample]), torch.cat([s[1] for s in sample])))
+    halves = [(_halves(x), _halves(y)) for x, y in zip(logits, labels, strict=True)]
+    temperatures = [_fit([x[fold] for x, _ in halves], [y[fold] for _, y in halves], seed) for fold in (0, 1)]
     out_of_fold = []
     for case_logits in logits:
         lower, upper = _halves(case_logits)
         # The lower half is scored with the upper halves' temperature and vice versa.
         out_of_fold.append(torch.cat([(lower / temperatures[1]).softmax(0), (upper / temperatures[0]).softmax(0)], -1))
-    sample = [voxel_sample(x, y, seed=seed) for x, y in zip(logits, labels)]
-    temperature = fit_temperature(torch.cat([s[0] for s in sample]), torch.cat([s[1] for s in sample]))
-    return calibration_error(out_of_fold, items, num_classes), temperature
+    return calibration_error(out_of_fold, items, num_classes), _fit(logits, labels, seed)
+
+
+def _fit(logits: list[torch.Tensor], labels: list[torch.Tensor], seed: int) -> float:
+    """The temperature of a voxel sample from every volume (``MAX_FIT_VOXELS`` from each at most)."""
+    sample = [voxel_sample(x, y, seed=seed) for x, y in zip(logits, labels, strict=True)]
+    return fit_temperature(torch.cat([s[0] for s in sample]), torch.cat([s[1] for s in sample]))
 
 
 def adapt_network(
@@ -247,7 +251,7 @@ def calibrate(
         decision += f"; temperature {fitted:.3g} (held-out ECE {ece_unscaled:.4f} -> {ece_fitted:.4f})"
     else:
         temperature, ece_after = model.temperature, ece_unscaled
-        decision += f"; kept temperature {model.temperature:g} (a fitted {fitted:.3g} gave held-out ECE {ece_fitted:.4f})"
+        decision += f"; kept temperature {model.temperature:g} (fitted {fitted:.3g} gave held-out ECE {ece_fitted:.4f})"
     report = CalibrationReport(
         site=site.site_name,
         validation_cases=len(val),
