@@ -36,7 +36,8 @@ def test_bundle_has_monai_layout_and_records_classes_provenance_and_temperature(
     for rel in (METADATA, INFERENCE, WEIGHTS, TORCHSCRIPT):
         assert (path / rel).is_file(), rel
     meta = json.loads((path / METADATA).read_text())
-    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "organ", "2": "lesion"}
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    assert pred["channel_def"] == {"0": "background", "1": "organ", "2": "lesion"} and pred["num_channels"] == 3
     assert meta["network_data_format"]["inputs"]["image"]["modality"] == "CT"
     assert meta["fedseg3d"]["provenance"] == PROVENANCE and meta["fedseg3d"]["temperature"] == 1.7
     assert {"monai", "nibabel"} <= set(meta["required_packages_version"])
