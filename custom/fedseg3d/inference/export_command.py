@@ -31,8 +31,7 @@ from pathlib import Path
 
 from fedseg3d.inference.bundle import INFERENCE, METADATA, README, TORCHSCRIPT, WEIGHTS, export_bundle
 from fedseg3d.inference.loading import ModelLoadError, find_site_models, is_bundle, load_deployable
-from fedseg3d.inference.provenance import collect_provenance
-from fedseg3d.server.contribution_log import CONTRIBUTIONS_FILE, OUTPUT_SUBDIR
+from fedseg3d.inference.provenance import CONTRIBUTIONS_FILE, OUTPUT_SUBDIR, collect_provenance
 
 
 def server_result_in(source: Path) -> Path | None:

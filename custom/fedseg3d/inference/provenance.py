@@ -25,8 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from fedseg3d.inference.loading import ModelLoadError
-from fedseg3d.server.contribution_log import CONTRIBUTIONS_FILE, OUTPUT_SUBDIR, PRIVACY_FILE
 from fedseg3d.training.site_models import BEST, BEST_GLOBAL, BEST_LOCAL, INDEX, LAST_LOCAL
+
+# The server's record files (``fedseg3d.server.contribution_log`` writes them; a test keeps the names equal). Named
+# here because that module is a FLARE component: reading a finished job's records needs no nvflare import.
+OUTPUT_SUBDIR = "fedseg3d"
+CONTRIBUTIONS_FILE = "contributions.jsonl"
+PRIVACY_FILE = "privacy.jsonl"
 
 CROSS_SITE = Path("cross_site_val") / "cross_val_results.json"
 FINAL_GLOBAL = "SRV_FL_global_model.pt"

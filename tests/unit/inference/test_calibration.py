@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedseg3d.data.dataset import CasePreparer, make_train_loader, prepare_cases
 from fedseg3d.data.datalist import load_datalist
+from fedseg3d.data.dataset import CasePreparer, make_train_loader, prepare_cases
 from fedseg3d.data.site_config import SiteConfig
 from fedseg3d.data.transforms import PreprocessConfig
 from fedseg3d.inference.calibration import calibrate
