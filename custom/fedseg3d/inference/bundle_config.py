@@ -132,27 +132,12 @@ def metadata(model: DeployableModel) -> dict[str, Any]:
 
 def intensity_transform(cfg: PreprocessConfig) -> dict[str, Any]:
     """The bundle's copy of ``fedseg3d.data.transforms.intensity_transform``, as a config entry."""
+    scaled = {"keys": "image", "b_min": 0.0, "b_max": 1.0, "clip": True}
     if cfg.intensity_mode == "ct_window":
         low, high = cfg.ct_window
-        return {
-            "_target_": "ScaleIntensityRanged",
-            "keys": "image",
-            "a_min": low,
-            "a_max": high,
-            "b_min": 0.0,
-            "b_max": 1.0,
-            "clip": True,
-        }
+        return {"_target_": "ScaleIntensityRanged", "a_min": low, "a_max": high, **scaled}
     low, high = cfg.mr_percentiles
-    return {
-        "_target_": "ScaleIntensityRangePercentilesd",
-        "keys": "image",
-        "lower": low,
-        "upper": high,
-        "b_min": 0.0,
-        "b_max": 1.0,
-        "clip": True,
-    }
+    return {"_target_": "ScaleIntensityRangePercentilesd", "lower": low, "upper": high, **scaled}
 
 
 def inference_config(model: DeployableModel) -> dict[str, Any]:

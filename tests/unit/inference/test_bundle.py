@@ -12,9 +12,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser
 
-from fedseg3d.data.transforms import PreprocessConfig
+from fedseg3d.data.dataset import VolumeLoader
+from fedseg3d.data.transforms import PreprocessConfig, orientation_transform, resample_and_normalise_transform
 from fedseg3d.inference.bundle import INFERENCE, METADATA, TORCHSCRIPT, WEIGHTS, export_bundle, load_bundle
+from fedseg3d.inference.bundle_config import inference_config
 from fedseg3d.inference.deployable import DeployableModel
 from fedseg3d.inference.loading import ModelLoadError, load_deployable
 from fedseg3d.models.presets import build_model
@@ -122,3 +125,21 @@ def test_an_incomplete_or_unreadable_bundle_is_refused_naming_the_file(bundle, t
     torch.save(build_model("unet3d_tiny", out_channels=5).state_dict(), broken / WEIGHTS)
     with pytest.raises(ModelLoadError, match=r"model\.pt: not the weights"):
         load_deployable(broken)
+
+
+@pytest.mark.parametrize(
+    "prep",
+    [PREP, PreprocessConfig(roi_size=(16, 16, 16), target_spacing=(1.5, 2.0, 3.0), mr_percentiles=(2.0, 98.0))],
+    ids=["ct_window", "mr_percentile"],
+)
+def test_bundle_preprocessing_equals_the_training_preprocessing(prep, tmp_path):
+    affine = np.diag([-1.2, 1.0, 2.5, 1.0])
+    volume = np.random.default_rng(1).normal(0, 300, size=(21, 17, 8)).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, affine), tmp_path / "scan.nii.gz")
+    model = DeployableModel(build_model("unet3d_tiny"), "unet3d_tiny", CLASSES, prep)
+    bundle_side = ConfigParser(inference_config(model)).get_parsed_content("preprocessing")
+    bundled = bundle_side({"image": str(tmp_path / "scan.nii.gz")})["image"]
+    image = VolumeLoader()(tmp_path / "scan.nii.gz")
+    trained = resample_and_normalise_transform(prep)(orientation_transform()({"image": image, "label": image * 0}))
+    assert bundled.shape == trained["image"].shape
+    assert torch.allclose(torch.as_tensor(bundled), torch.as_tensor(trained["image"]), atol=1e-5)
