@@ -49,7 +49,9 @@ def deployed_file(index: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
         deployed = models[BEST]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ModelLoadError(index, f"cannot tell which model is deployed ({type(err).__name__}: {err})") from err
-    for name in (BEST_GLOBAL, BEST_LOCAL):
+    # models.json says "a copy of <file>"; a file whose round and Dice match is the fallback.
+    named = [name for name in (BEST_GLOBAL, BEST_LOCAL) if str(deployed.get("what", "")).endswith(name)]
+    for name in named or [BEST_GLOBAL, BEST_LOCAL]:
         entry = models.get(name, {})
         if entry.get("round") == deployed.get("round") and entry.get(DICE) == deployed.get(DICE):
             return name, deployed, models
