@@ -25,6 +25,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from fedseg3d.data.errors import DataError
 from fedseg3d.data.site_config import SiteConfig
 from fedseg3d.inference.bundle import export_bundle
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             folder = find_site_models(args.model, args.site)
             model.provenance = {**model.provenance, **collect_provenance(folder, server)}
         site = SiteConfig.from_file(args.site_config)
+        if site.num_threads > 0:  # the site's own CPU share, as in training
+            torch.set_num_threads(site.num_threads)
         calibrated, report = calibrate(
             model,
             site,
