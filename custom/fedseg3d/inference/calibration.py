@@ -251,7 +251,10 @@ def calibrate(
         decision += f"; temperature {fitted:.3g} (held-out ECE {ece_unscaled:.4f} -> {ece_fitted:.4f})"
     else:
         temperature, ece_after = model.temperature, ece_unscaled
-        decision += f"; kept temperature {model.temperature:g} (fitted {fitted:.3g} gave held-out ECE {ece_fitted:.4f})"
+        decision += (
+            f"; kept temperature {model.temperature:g} (ECE {ece_unscaled:.4f}; a fitted {fitted:.3g} gave held-out "
+            f"{ece_fitted:.4f})"
+        )
     report = CalibrationReport(
         site=site.site_name,
         validation_cases=len(val),
