@@ -42,6 +42,9 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "privacy-report": Command("fedseg3d.tools.privacy_report", "print what sites spent of their privacy budgets"),
     "audit": Command("fedseg3d.tools.privacy_audit", "membership-inference privacy audit of a finished job"),
     "pretrain": Command("fedseg3d.tools.pretrain", "pretrain a model on public data for `initial_checkpoint`"),
+    "predict": Command(
+        "fedseg3d.inference.predict", "segment scans with a site's model: NIfTI labels, DICOM SEG, volumes per class"
+    ),
     "provision": Command("fedseg3d.deploy.kits", "signed startup kits with site policies", ("provision",)),
     "add-site": Command("fedseg3d.deploy.kits", "one more hospital's kit from the existing root CA", ("add-site",)),
     "renew": Command("fedseg3d.deploy.kits", "re-issue one participant's certificate", ("renew",)),

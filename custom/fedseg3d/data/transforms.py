@@ -122,10 +122,10 @@ class PreprocessConfig:
         return replace(self, class_crop_ratios=tuple(ratios) or (1.0,) * len(class_names))
 
 
-def orientation_transform() -> Orientationd:
+def orientation_transform(keys: tuple[str, ...] = KEYS) -> Orientationd:
     """Reorient image and label to RAS so that geometry can be compared and resampled consistently."""
     # Explicit labels: MONAI is changing the default and warns; these are the RAS world labels we rely on.
-    return Orientationd(keys=KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
+    return Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
 
 
 def intensity_transform(cfg: PreprocessConfig):
@@ -144,6 +144,18 @@ def resample_and_normalise_transform(cfg: PreprocessConfig) -> Compose:
             Spacingd(keys=KEYS, pixdim=cfg.target_spacing, mode=("bilinear", "nearest")),
             intensity_transform(cfg),
             EnsureTyped(keys=KEYS, track_meta=False),
+        ]
+    )
+
+
+def inference_transform(cfg: PreprocessConfig) -> Compose:
+    """Training's deterministic image preprocessing (orientation, spacing, intensity) for an image alone, with its
+    metadata kept so that a prediction can be brought back to the source grid (``fedseg3d.inference.segment``)."""
+    return Compose(
+        [
+            orientation_transform(keys=("image",)),
+            Spacingd(keys="image", pixdim=cfg.target_spacing, mode="bilinear"),
+            intensity_transform(cfg),
         ]
     )
 
