@@ -8,8 +8,8 @@ bundle expressions, where MONAI's template uses an ignite evaluator.
 
 The preprocessing mirrors ``fedseg3d.data.transforms`` step by step (channel first, RAS, the site's voxel spacing,
 its intensity window or percentiles), then sliding-window inference with the training loop's window, batch and
-overlap, the softmax with the model's temperature, the inverse of every spatial step (back to the input's grid and
-affine) and the argmax, saved as a uint8 NIfTI label map.
+overlap, the softmax with the model's temperature, the argmax, and the labels resampled by nearest neighbour onto
+the scan's own grid and affine (MONAI's ``ResampleToMatch``, as ``fedseg3d predict`` does), saved as uint8 NIfTI.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/do
 BUNDLE_VERSION = "0.1.0"
 FEDSEG3D_KEY = "fedseg3d"  # the metadata entry with what ``load_bundle`` needs to rebuild the model
 OUTPUT_POSTFIX = "seg"
+SOURCE_KEY = "source"
 
 
 def _version(package: str) -> str:
@@ -165,6 +166,8 @@ def inference_config(model: DeployableModel) -> dict[str, Any]:
             "transforms": [
                 {"_target_": "LoadImaged", "keys": "image", "reader": "NibabelReader", "image_only": True},
                 {"_target_": "EnsureChannelFirstd", "keys": "image"},
+                # The scan as read: the grid the labels go back to.
+                {"_target_": "CopyItemsd", "keys": "image", "names": SOURCE_KEY},
                 {
                     "_target_": "Orientationd",
                     "keys": "image",
@@ -188,15 +191,16 @@ def inference_config(model: DeployableModel) -> dict[str, Any]:
             "transforms": [
                 # Temperature from local calibration: it changes the probabilities, never the argmax below.
                 {"_target_": "Lambdad", "keys": "pred", "func": "$lambda x: torch.softmax(x / @temperature, dim=0)"},
-                {
-                    "_target_": "Invertd",
-                    "keys": "pred",
-                    "transform": "@preprocessing",
-                    "orig_keys": "image",
-                    "nearest_interp": False,
-                    "to_tensor": True,
-                },
+                # Argmax on the model's grid, then the labels onto the scan's grid by nearest neighbour: the label map
+                # training's evaluation scores, resampled as ``fedseg3d.inference.segment`` does for predict.
                 {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+                {
+                    "_target_": "ResampleToMatchd",
+                    "keys": "pred",
+                    "key_dst": SOURCE_KEY,
+                    "mode": "nearest",
+                    "padding_mode": "zeros",
+                },
                 {
                     "_target_": "SaveImaged",
                     "keys": "pred",

@@ -20,6 +20,7 @@ from fedseg3d.inference.bundle import INFERENCE, METADATA, TORCHSCRIPT, WEIGHTS,
 from fedseg3d.inference.bundle_config import inference_config
 from fedseg3d.inference.deployable import DeployableModel
 from fedseg3d.inference.loading import ModelLoadError, load_deployable
+from fedseg3d.inference.segment import segment_volume
 from fedseg3d.models.presets import build_model
 
 CLASSES = {0: "background", 1: "organ", 2: "lesion"}
@@ -79,13 +80,15 @@ def test_metadata_passes_monais_verify_metadata(bundle, tmp_path):
 
 
 def test_monai_bundle_run_writes_label_maps_on_the_input_grid(bundle, tmp_path):
-    _, path = bundle
+    model, path = bundle
     images = tmp_path / "images"
     images.mkdir()
     # LPS, anisotropic voxels, an offset origin: inversion must bring the labels back to exactly this grid.
     affine = np.diag([-1.5, -1.5, 2.5, 1.0])
     affine[:3, 3] = (40.0, 30.0, -20.0)
-    volume = np.random.default_rng(0).normal(0, 100, size=(20, 18, 9)).astype(np.float32)
+    grid = np.stack(np.meshgrid(*(np.linspace(-1, 1, n) for n in (30, 26, 12)), indexing="ij"))
+    ball = 250.0 * ((grid**2).sum(0) < 0.4) - 100.0  # a bright ball in dark tissue, as a scan has structures
+    volume = (ball + np.random.default_rng(0).normal(0, 10, size=ball.shape)).astype(np.float32)
     nib.save(nib.Nifti1Image(volume, affine), images / "case_a.nii.gz")
     out = tmp_path / "labels"
     command = [
@@ -101,6 +104,9 @@ def test_monai_bundle_run_writes_label_maps_on_the_input_grid(bundle, tmp_path):
     np.testing.assert_allclose(written.affine, affine, atol=1e-4)
     labels = np.asarray(written.dataobj)
     assert written.get_data_dtype() == np.uint8 and set(np.unique(labels)) <= set(CLASSES)
+    # Exactly the labels fedseg3d predict writes for the same model and scan.
+    predicted = segment_volume(model, VolumeLoader()(images / "case_a.nii.gz"), images, torch.device("cpu"))
+    np.testing.assert_array_equal(predicted.numpy(), labels)
 
 
 def test_an_incomplete_or_unreadable_bundle_is_refused_naming_the_file(bundle, tmp_path):
