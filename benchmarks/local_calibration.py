@@ -9,7 +9,8 @@ real model, not a statistic.
 
 Usage (from the repository root, with the package on the path):
     PYTHONPATH=custom:. nice -n 10 python -m benchmarks.local_calibration [--sites-root data/real] [--rounds 4]
-        [--local-steps 20] [--fine-tune-steps 20] [--learning-rate 1e-4] [--workspace workspace/bench_calibration] [--reuse]
+        [--local-steps 20] [--fine-tune-steps 20] [--learning-rate 1e-4] [--workspace workspace/bench_calibration]
+        [--reuse]
 
 ``--reuse`` skips the federation when the workspace already holds a finished run.
 """
