@@ -98,10 +98,11 @@ def server_provenance(
     records = _jsonl(files["contributions"])
     accepted = [r for r in records if r.get("return_code") == "OK" and r.get("data_kind")]
     num_rounds = max((r["num_rounds"] for r in records if isinstance(r.get("num_rounds"), int)), default=None)
-    # A global model of round r holds the updates of rounds < r; an own model of round r also its own round r.
-    last = model_round - 1 if kind == BEST_GLOBAL else model_round
+    # A global model of round r holds the updates of rounds < r; an own model of round r is that global model
+    # trained further at this site alone.
+    last = model_round - 1
     trained_by = sorted({r["site"] for r in accepted if isinstance(r.get("round"), int) and r["round"] <= last})
-    if kind == BEST_LOCAL and site not in trained_by:
+    if kind == BEST_LOCAL:
         trained_by = sorted({*trained_by, site})
     matrix = json.loads(files["cross_site"].read_text()) if "cross_site" in files else {}
     dice: dict[str, float | None] = {}

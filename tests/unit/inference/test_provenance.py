@@ -21,14 +21,14 @@ CLASSES = {0: "background", 1: "organ", 2: "lesion"}
 PREP = PreprocessConfig(roi_size=(16, 16, 16))
 
 
-def write_job(root: Path, best_global_round: int = 1, dp: bool = True) -> Path:
+def write_job(root: Path, best_global_round: int = 1, dp: bool = True, last_local_dice: float = 0.35) -> Path:
     """A finished 2-round FedBN job as the simulator leaves it: site-1's models and the server's records."""
     site_models = root / "site-1" / "simulate_job" / "app_site-1" / "site_models"
     store = SiteModelStore("site-1", site_models, model_recipe("unet3d_tiny", CLASSES, PREP, "simulate_job", "site-1"))
     network = build_model("unet3d_tiny")
     store.offer_local(network, 0.30, 0)
     store.offer_global(network, 0.40, best_global_round)  # the deployed model: the global model of that round
-    store.offer_local(network, 0.35, 1)
+    store.offer_local(network, last_local_dice, 1)
     run = root / "server" / "simulate_job"
     (run / "fedseg3d").mkdir(parents=True)
     (run / "cross_site_val").mkdir()
@@ -66,6 +66,18 @@ def test_the_final_global_model_takes_its_dice_from_cross_site_evaluation(tmp_pa
     facts = provenance.collect_provenance(site_models, tmp_path / "server" / "simulate_job")
     assert facts["site_val_dice"] == {"site-1": 0.40, "site-2": 0.6}
     assert "cross-site" in facts["site_val_dice_is"] and facts["differential_privacy"] is None
+
+
+def test_an_own_model_counts_the_global_rounds_before_it_and_its_own_site(tmp_path):
+    (tmp_path / "a").mkdir()
+    facts = provenance.collect_provenance(write_job(tmp_path / "a", last_local_dice=0.45), tmp_path / "a")
+    assert facts["deployed"] == "best_local_model.pt" and facts["round"] == 1 and facts["is_final_own_model"]
+    assert facts["trained_by"] == ["site-1", "site-2"]  # round 0's global updates, then site-1 alone
+    assert facts["differential_privacy"]["site-2"]["round"] == 0
+    # An own model of the first round: no other site's update is in it yet.
+    files = provenance.find_server_files(write_job(tmp_path / "b").parents[3])
+    first_round = provenance.server_provenance(files, "site-1", "best_local_model.pt", 0)
+    assert first_round["trained_by"] == ["site-1"] and first_round["differential_privacy"] is None
 
 
 def test_without_the_server_result_only_the_site_facts_are_recorded(tmp_path):
