@@ -119,8 +119,11 @@ def server_provenance(
     else:
         how = f"{site}'s own model of round {model_round}: no other site evaluated it, only {site}'s Dice is known"
     privacy = {}
-    for release in _jsonl(files["privacy"]) if "privacy" in files else []:
-        if isinstance(release.get("round"), int) and release["round"] <= last:
+    releases = _jsonl(files["privacy"]) if "privacy" in files else []
+    for release in releases:
+        # The releases that went into the model: the global rounds before it, and an own model's own round too.
+        upto = model_round if kind == BEST_LOCAL and release.get("site") == site else last
+        if isinstance(release.get("round"), int) and release["round"] <= upto:
             keep = {k: release.get(k) for k in ("round", "epsilon", "delta", "unit", "scope")}
             if release["site"] not in privacy or privacy[release["site"]]["round"] <= release["round"]:
                 privacy[release["site"]] = keep
@@ -131,6 +134,7 @@ def server_provenance(
         "site_val_dice": {s: d for s, d in sorted(dice.items()) if d is not None},
         "site_val_dice_is": how,
         "differential_privacy": privacy or None,
+        "dp_job": bool(releases),
     }
 
 

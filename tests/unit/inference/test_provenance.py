@@ -78,6 +78,7 @@ def test_an_own_model_counts_the_global_rounds_before_it_and_its_own_site(tmp_pa
     files = provenance.find_server_files(write_job(tmp_path / "b").parents[3])
     first_round = provenance.server_provenance(files, "site-1", "best_local_model.pt", 0)
     assert first_round["trained_by"] == ["site-1"] and first_round["differential_privacy"] is None
+    assert first_round["dp_job"]  # the job had DP releases, none of them went into this model
 
 
 def test_without_the_server_result_only_the_site_facts_are_recorded(tmp_path):
