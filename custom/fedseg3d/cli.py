@@ -51,6 +51,10 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "renew": Command("fedseg3d.deploy.kits", "re-issue one participant's certificate", ("renew",)),
     "cert-info": Command("fedseg3d.deploy.kits", "a kit's certificate validity", ("cert-info",)),
     "deploy-local": Command("fedseg3d.deploy.local", "run provisioned kits on localhost and submit a job"),
+    "export": Command("fedseg3d.inference.export_command", "a site's deployed model as a MONAI bundle with provenance"),
+    "calibrate": Command(
+        "fedseg3d.inference.calibrate_command", "adapt a model to this site's data (BN, fine-tune, temperature)"
+    ),
 }
 
 PROG = "fedseg3d"

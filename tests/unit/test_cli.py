@@ -32,6 +32,8 @@ KEY_OPTIONS = {
     ("renew",): ["--name"],
     ("cert-info",): ["kit"],
     ("deploy-local",): ["--sites", "--data", "--job", "--port", "--keep-running"],
+    ("export",): ["--model", "--site", "--server-result", "--out"],
+    ("calibrate",): ["--model", "--site-config", "--fine-tune-steps", "--learning-rate", "--out"],
     ("predict",): ["--model", "--site", "--input", "--out", "--device", "--classes", "--overlap", "--seg-type"],
 }
 
