@@ -25,6 +25,7 @@ KEY_OPTIONS = {
     ("report",): ["result_dir"],
     ("privacy-report",): ["budget_files"],
     ("audit",): ["--run-dir", "--sites-root", "--json"],
+    ("audit-trail", "verify"): ["run_dir", "--head"],
     ("pretrain",): ["--data", "--job", "--out"],
     ("provision",): ["--project", "--workspace"],
     ("add-site",): ["--name", "--org", "--workspace"],
