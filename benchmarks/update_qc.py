@@ -37,11 +37,16 @@ from benchmarks.config import BenchConfig, centralised_settings
 from benchmarks.stats import mean_interval, paired_interval
 from fedseg3d.data.synthetic import generate_sites
 from fedseg3d.filters.fault_injection import corrupt
+from fedseg3d.filters.gaussian_dp import clip_and_noise
 from fedseg3d.server.screened_aggregator import QC_META_KEY, ScreenedAggregator
 
 SITES = ["site-1", "site-2", "site-3", "site-4"]
 ATTACKER = "site-3"
-FAULTS = ["clean", "scale", "sign_flip", "noise", "free_rider", "label_flip"]
+FAULTS = ["clean", "scale", "sign_flip", "noise", "free_rider", "label_flip", "dp_clean", "dp_scale"]
+CLEAN = ("clean", "dp_clean")
+# ``dp_*``: every site's update goes through the Gaussian DP filter's mechanism with the DP job's defaults
+# (clip to C = 1, noise std sigma * C = 1 per value); ``dp_scale``: the faulty site scales its noised update x100.
+DP_CLIP, DP_NOISE = 1.0, 1.0
 DEFENCES = {
     "fedavg": {"update_qc": False, "aggregation_rule": "weighted_mean"},
     "fedavg+qc": {"update_qc": True, "aggregation_rule": "weighted_mean"},
@@ -83,8 +88,11 @@ def run_federation(
         for site, trainer in trainers.items():
             result = trainer.train_round(weights, r, total_rounds=rounds)
             update = result.update
-            if site == ATTACKER and fault not in ("clean", "label_flip"):
-                update, sent_before = corrupt(fault, update, rng, sent_before), update
+            if fault.startswith("dp_"):
+                update, _ = clip_and_noise(update, DP_CLIP, DP_NOISE, rng)
+            attack = fault.removeprefix("dp_")
+            if site == ATTACKER and attack not in ("clean", "label_flip"):
+                update, sent_before = corrupt(attack, update, rng, sent_before), update
             meta = {"client_name": site, MetaKey.NUM_STEPS_CURRENT_ROUND: result.num_cases}
             aggregator.accept_model(FLModel(params_type=ParamsType.DIFF, params=update, current_round=r, meta=meta))
         out = aggregator.aggregate_model()
@@ -113,10 +121,10 @@ def summarise(runs: dict, rounds: int) -> dict:
             cell = {seed: r for (f, d, seed), r in runs.items() if (f, d) == (fault, defence)}
             if not cell:
                 continue
-            attacked = 0 if fault == "clean" else rounds * len(cell)
-            caught = sum(1 for r in cell.values() for _, s in r["excluded"] if s == ATTACKER and fault != "clean")
-            honest_total = rounds * (len(SITES) - (0 if fault == "clean" else 1)) * len(cell)
-            false = sum(1 for r in cell.values() for _, s in r["excluded"] if s != ATTACKER or fault == "clean")
+            attacked = 0 if fault in CLEAN else rounds * len(cell)
+            caught = sum(1 for r in cell.values() for _, s in r["excluded"] if s == ATTACKER and fault not in CLEAN)
+            honest_total = rounds * (len(SITES) - (0 if fault in CLEAN else 1)) * len(cell)
+            false = sum(1 for r in cell.values() for _, s in r["excluded"] if s != ATTACKER or fault in CLEAN)
             dice = {seed: r["dice"] for seed, r in cell.items()}
             table[f"{fault}/{defence}"] = {
                 "fault": fault,
