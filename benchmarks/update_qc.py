@@ -166,16 +166,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local-steps", type=int, default=2)
     parser.add_argument("--faults", nargs="+", default=FAULTS, choices=FAULTS)
     parser.add_argument("--defences", nargs="+", default=list(DEFENCES), choices=list(DEFENCES))
+    parser.add_argument(
+        "--no-reference", action="store_true", help="skip the clean FedAvg runs (another process runs them)"
+    )
     args = parser.parse_args(argv)
     cfg = BenchConfig(mode="update_qc", sites=len(SITES), rounds=args.rounds, local_epochs=1, fov_mm=32.0,
                       cases_scale=0.3, local_steps=args.local_steps)  # fmt: skip
     torch.set_num_threads(1)
-    for seed in args.seeds:
+    for seed in [] if args.report else args.seeds:
         roots = make_sites(args.out / "data", seed)
         settings = centralised_settings(replace(cfg, seed=seed, seeds=(seed,)), {}, args.out / "job")
         for fault in args.faults:
             for name, defence in DEFENCES.items():
-                if name not in args.defences and (fault, name) != ("clean", "fedavg"):
+                reference = (fault, name) == ("clean", "fedavg") and not args.no_reference
+                if name not in args.defences and not reference:
                     continue
                 saved = args.out / "runs" / f"{seed}_{fault}_{name}.json"
                 if saved.is_file():

@@ -68,6 +68,7 @@ def test_each_fault_is_excluded_and_the_trail_shows_it(four_sites, tmp_path):
     reasons = [" ".join(records[r]["received"]["site-3"]["qc"]["reasons"]) for r in range(len(DRILL))]
     assert "x the round's median" in reasons[0] and "free rider" in reasons[3]
     assert "direction" in reasons[1] and "direction" in reasons[2]
+    assert records[0]["received"]["site-3"]["filters"] == ["FaultInjectionFilter:scale"], "the drill is on record"
     flagged = json.loads((run_dir / "fedseg3d" / "qc" / "flagged_sites.json").read_text())
     assert set(flagged) == {"site-3"} and flagged["site-3"]["exclusions"] >= 3
     # The chain links the rounds: each round's sites were sent the model the round before produced.

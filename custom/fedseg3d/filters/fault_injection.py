@@ -84,6 +84,7 @@ class FaultInjectionFilter(Filter):
         sent = corrupt(fault, {k: np.asarray(v) for k, v in dxo.data.items()}, self.rng, self._previous)
         dxo.data = self._previous = sent
         if fault != "none":
+            dxo.add_filter_history(f"{type(self).__name__}:{fault}")  # so the server's audit trail shows the drill
             self.log_warning(fl_ctx, f"FAULT DRILL: {self.site} sends a '{fault}' update in round {round_num}")
         return dxo.update_shareable(shareable)
 

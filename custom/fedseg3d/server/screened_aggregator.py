@@ -103,7 +103,8 @@ class ScreenedAggregator(ModelAggregator):
             kept = [i for i, v in enumerate(verdicts) if v.accepted]
         else:
             kept = list(range(len(updates)))
-        meta = {QC_META_KEY: self._summary(round_num, verdicts)}
+        # nr_accepted: FedAvg overwrites nr_aggregated with the count of results received, QC passed or not.
+        meta = {QC_META_KEY: self._summary(round_num, verdicts), "nr_accepted": len(kept)}
         if len(kept) < self.min_sites:
             self.error(
                 f"update QC: round {round_num}: {len(kept)} of {len(updates)} updates passed, min_sites is "
