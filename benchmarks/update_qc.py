@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local-steps", type=int, default=2)
     parser.add_argument("--faults", nargs="+", default=FAULTS, choices=FAULTS)
     parser.add_argument("--defences", nargs="+", default=list(DEFENCES), choices=list(DEFENCES))
+    parser.add_argument("--report", action="store_true", help="only summarise the runs saved under --out")
     parser.add_argument(
         "--no-reference", action="store_true", help="skip the clean FedAvg runs (another process runs them)"
     )

@@ -86,9 +86,9 @@ def test_each_fault_is_excluded_and_the_trail_shows_it(four_sites, tmp_path):
 
 
 def test_a_clean_run_excludes_nothing(four_sites, tmp_path):
-    run_dir = simulate(tmp_path, four_sites, 3, None)
+    run_dir = simulate(tmp_path, four_sites, 2, None)
     records = trail(run_dir)
-    assert len(records) == 3 and excluded(records) == set()
+    assert len(records) == 2 and excluded(records) == set()
     assert all(len(r["received"]) == 4 for r in records)
     assert not (run_dir / "fedseg3d" / "qc" / "flagged_sites.json").exists()
     assert verify(run_dir / "fedseg3d" / "audit_trail.jsonl").ok
