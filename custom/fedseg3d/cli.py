@@ -42,6 +42,11 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "report": Command("fedseg3d.tools.report", "print per-site Dice of a finished job (simulator or POC result)"),
     "privacy-report": Command("fedseg3d.tools.privacy_report", "print what sites spent of their privacy budgets"),
     "audit": Command("fedseg3d.tools.privacy_audit", "membership-inference privacy audit of a finished job"),
+    "audit-trail": {
+        "verify": Command(
+            "fedseg3d.tools.audit_trail", "check a job's hash-chained audit trail; name the first broken link"
+        ),
+    },
     "pretrain": Command("fedseg3d.tools.pretrain", "pretrain a model on public data for `initial_checkpoint`"),
     "predict": Command(
         "fedseg3d.inference.predict", "segment scans with a site's model: NIfTI labels, DICOM SEG, volumes per class"

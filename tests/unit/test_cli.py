@@ -26,6 +26,7 @@ KEY_OPTIONS = {
     ("resume",): ["--run", "--dry-run", "--startup-kit", "--server-workspace", "--poc-workspace"],
     ("privacy-report",): ["budget_files"],
     ("audit",): ["--run-dir", "--sites-root", "--json"],
+    ("audit-trail", "verify"): ["run_dir", "--head"],
     ("pretrain",): ["--data", "--job", "--out"],
     ("provision",): ["--project", "--workspace"],
     ("add-site",): ["--name", "--org", "--workspace"],
