@@ -97,6 +97,20 @@ def test_dp_noise_dominated_rounds_exclude_nothing():
         assert reasons(screen_round(screen, params, r)) == {}
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_rounds_without_a_common_direction_exclude_nothing_by_direction(seed):
+    """Late in training honest updates are nearly orthogonal: a POC run once excluded an honest site at cosine
+    -0.26 when the round's median was -0.004. Without agreement there is no direction to deviate from."""
+    rng = np.random.default_rng(seed)
+    params = [{"conv": rng.normal(size=2000).astype(np.float32)} for _ in SITES]
+    params[0] = {
+        "conv": (params[0]["conv"] - 0.6 * np.median([p["conv"] for p in params[1:]], axis=0)).astype(np.float32)
+    }
+    verdicts = screen_round(UpdateScreen(), params)
+    assert all("direction" not in r for r in reasons(verdicts).values())
+    assert min(v.cosine for v in verdicts) < -0.1  # the reversed-looking site is there, and is kept
+
+
 def test_weights_are_screened_against_the_model_they_were_sent():
     rng = np.random.default_rng(5)
     reference = {"conv": rng.normal(size=2000), "head": rng.normal(size=5)}
