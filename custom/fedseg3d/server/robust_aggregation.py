@@ -12,6 +12,9 @@ aggregated over the sites that sent it (FedBN: batch-norm keys never arrive, so 
   than a typical one.
 
 Integer arrays (batch norm's ``num_batches_tracked``) are returned in their own dtype, rounded.
+
+The weighted mean is written here rather than taken from FLARE's ``WeightedAggregationHelper`` so that all four
+rules share one per-key stacking (float64, a key averaged over the sites that sent it) and one integer cast.
 """
 
 from __future__ import annotations

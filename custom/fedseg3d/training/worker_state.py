@@ -3,7 +3,8 @@
 A fresh trainer rebuilds everything derived from the job and the site's data (model shape, prepared cases,
 calibration patches). What it cannot rebuild is what earlier rounds produced: FedBN's local batch norm (the trained
 affine weights and running statistics), how many rounds it trained, whether it adopted the server's initial batch
-norm, which of its saved models are the best (so a worse model never replaces a better one on disk), and the
+norm, which of its saved models are the best (so a worse model never replaces a better one on disk; which file
+``best_model.pt`` copies follows from them, and is copied again once at most), and the
 DP-SGD noise calibration (so a restart never re-calibrates mid-job). The shared weights are not here: every round
 starts from the server's global model.
 """
@@ -28,7 +29,6 @@ class SiteState:
     rounds_done: int = 0
     local_state_adopted: bool = False
     model_entries: dict[str, dict] = field(default_factory=dict)
-    deployed: tuple[str, int] | None = None
     dp_calibration: Any = None
 
     def describe(self) -> str:
@@ -48,7 +48,6 @@ def snapshot(trainer: SiteTrainer) -> SiteState:
         rounds_done=trainer.rounds_done,
         local_state_adopted=trainer.local_state_adopted,
         model_entries=copy.deepcopy(trainer.models.entries),
-        deployed=trainer.models._deployed,
         dp_calibration=trainer.dp_plan.calibration if trainer.dp_plan is not None else None,
     )
 
@@ -66,6 +65,5 @@ def restore(trainer: SiteTrainer, state: SiteState) -> None:
     trainer.rounds_done = state.rounds_done
     trainer.local_state_adopted = state.local_state_adopted or trainer.local_state_adopted
     trainer.models.entries = copy.deepcopy(state.model_entries)
-    trainer.models._deployed = state.deployed
     if trainer.dp_plan is not None and state.dp_calibration is not None:
         trainer.dp_plan.calibration = state.dp_calibration
