@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from fedseg3d.data.datalist import Case
-from fedseg3d.data.dicom import check_dicom_input
 from fedseg3d.data.errors import DataError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -26,15 +25,17 @@ def is_nifti(path: Path) -> bool:
 
 
 def check_case_files(case: Case) -> None:
-    """Check that the files exist and are of a supported kind; DICOM images get the full header check.
+    """Check that the files exist and that the label is NIfTI.
+
+    A DICOM image gets its full header check from ``VolumeLoader`` as it is read (``check_dicom_input``'s checks),
+    the one place every reader of a case image, training and ``predict`` alike, goes through: checking it here too
+    read every slice header twice.
 
     Raises:
-        DataError: a file is missing, of an unsupported format, or a DICOM image is not one clean 3D stack.
+        DataError: a file is missing, or the label is of an unsupported format.
     """
     if not case.image.exists():
         raise DataError(case.image, "image not found")
-    if case.image.is_dir() or not is_nifti(case.image):
-        check_dicom_input(case.image)
     if not case.label.exists():
         raise DataError(case.label, "label not found")
     if not case.label.is_file() or not is_nifti(case.label):
